@@ -1,0 +1,247 @@
+"""One checkpoint schema for everything agu saves: a **directory** holding safetensors files
+(tensors only: nothing in them can execute) and a JSON card (what the tensors are, how to
+rebuild the modules, where they came from, and the SHA-256 of every tensor file).
+
+    mygan/
+      card.json                  {"format": "agu-gan", "version": 1, "arch": ..., "files": {...}}
+      generator.safetensors
+      discriminator.safetensors
+
+Directories are written atomically: into a temporary sibling, then renamed, so an interrupted
+write never leaves a directory that ``load_gan`` would accept. Shipped names (``"digits"``)
+resolve to the project's ``data/`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .models import ARCHITECTURES, GAN, build_gan
+
+FORMAT_VERSION = 1
+GAN_CARD_FIELDS = ("format", "version", "arch", "arch_kwargs", "latent_dim", "image_shape", "files")
+
+
+# ----------------------------------------------------------------------------------------
+# Where shipped checkpoints live
+
+
+def shipped_dir() -> Path:
+    """The folder of shipped checkpoints: ``$AGU_DATA_DIR``, else the repository's ``data/``,
+    else the copy packed inside the wheel (``agu_lib/_shipped``)."""
+    env = os.environ.get("AGU_DATA_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "data", here / "_shipped"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "data"
+
+
+def shipped_names(kind: str = "gan") -> list[str]:
+    """Names of shipped checkpoints of a kind (``gan`` or ``classifier``)."""
+    root = shipped_dir() / ("gans" if kind == "gan" else "classifiers")
+    return sorted(p.name for p in root.iterdir() if (p / "card.json").is_file()) if root.is_dir() else []
+
+
+def resolve(path_or_name, kind: str = "gan") -> Path:
+    """A directory path for a checkpoint given as a path or as a shipped name."""
+    p = Path(path_or_name)
+    if p.is_dir():
+        return p
+    sub = "gans" if kind == "gan" else "classifiers"
+    shipped = shipped_dir() / sub / str(path_or_name)
+    if os.sep not in str(path_or_name) and shipped.is_dir():
+        return shipped
+    names = shipped_names(kind)
+    raise CheckpointError(
+        f"no {kind} directory at {str(path_or_name)!r}. Give a directory made by agu "
+        f"(it holds card.json) or a shipped name: {', '.join(names) or '(none shipped)'}"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Hashes, atomic directories
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class atomic_dir:
+    """Context manager: yields a temporary directory next to ``path``; on success it replaces
+    ``path`` (old content removed only after the new one is complete); on error it is deleted.
+
+        with atomic_dir(out) as tmp:
+            save_file(..., tmp / "x.safetensors")
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write JSON to ``path`` via a temporary file and rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_tensor_dir(path, tensors: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:
+    """Save ``{file_stem: state_dict}`` as safetensors plus ``card.json`` (with SHA-256s), atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        files = {}
+        for stem, sd in tensors.items():
+            fname = f"{stem}.safetensors"
+            save_file(sd, str(tmp / fname))
+            files[fname] = sha256_file(tmp / fname)
+        card = {**card, "version": FORMAT_VERSION, "files": files}
+        (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_card(path, expected_format: str, required=("format", "version", "files")) -> dict:
+    """Read and check ``card.json`` in a checkpoint directory."""
+    path = Path(path)
+    card_path = path / "card.json"
+    if not card_path.is_file():
+        raise CheckpointError(f"{path} has no card.json: it is not an agu checkpoint directory (or it is incomplete)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{card_path} is not valid JSON ({e}); re-create the checkpoint") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path} must hold a JSON object")
+    missing = [k for k in required if k not in card]
+    if missing:
+        raise CheckpointError(f"{card_path} lacks the fields {missing}; re-create the checkpoint with agu")
+    if card["format"] != expected_format:
+        raise CheckpointError(f"{path} holds a {card['format']!r} checkpoint, not {expected_format!r}")
+    if card["version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has card version {card['version']}; this agu reads version {FORMAT_VERSION}")
+    return card
+
+
+def load_tensor_file(path: Path, card: dict, fname: str) -> dict[str, torch.Tensor]:
+    """Load one safetensors file named in the card after checking its SHA-256."""
+    files = card["files"]
+    if fname not in files:
+        raise CheckpointError(f"{path}/card.json lists no {fname}; the card does not match the directory")
+    fpath = path / fname
+    if not fpath.is_file():
+        raise CheckpointError(f"{fpath} is missing; the checkpoint is incomplete")
+    digest = sha256_file(fpath)
+    if digest != files[fname]:
+        raise CheckpointError(
+            f"{fpath} does not match the SHA-256 in card.json (file {digest[:12]}..., card {str(files[fname])[:12]}...): "
+            "the file was changed or truncated after saving. Restore it or re-create the checkpoint"
+        )
+    try:
+        return load_file(str(fpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{fpath} is not a readable safetensors file ({e})") from None
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``module.load_state_dict(state)`` with a message naming missing/unexpected/misshapen keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts))
+    module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------
+# GANs
+
+
+def save_gan(gan: GAN, path, step: int | None = None, extra: dict | None = None) -> Path:
+    """Save ``gan`` as a GAN directory at ``path`` (atomically). The GAN must have a registered
+    ``arch`` so it can be rebuilt. Returns the path."""
+    if gan.arch is None or gan.arch not in ARCHITECTURES:
+        raise CheckpointError(
+            "this GAN has no registered architecture, so it could not be rebuilt from the saved tensors; "
+            "register one with agu_lib.register_architecture(name, builder) and build the GAN with it"
+        )
+    card = {
+        "format": "agu-gan",
+        "arch": gan.arch,
+        "arch_kwargs": gan.arch_kwargs,
+        "latent_dim": gan.latent_dim,
+        "image_shape": list(gan.image_shape),
+        "output_range": list(gan.output_range),
+        "provenance": gan.provenance,
+        "step": step,
+        **(extra or {}),
+    }
+    return save_tensor_dir(path, {"generator": _state(gan.generator), "discriminator": _state(gan.discriminator)}, card)
+
+
+def load_gan(path_or_name, device="cpu") -> GAN:
+    """Load a GAN directory (or a shipped name such as ``"digits"``), checking hashes, keys and shapes."""
+    path = resolve(path_or_name, "gan")
+    card = read_card(path, "agu-gan", GAN_CARD_FIELDS)
+    if card["arch"] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path} needs architecture {card['arch']!r}, which is not registered; "
+            f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture"
+        )
+    gan = build_gan(card["arch"], card["latent_dim"], card["image_shape"], provenance=card.get("provenance"), **card["arch_kwargs"])
+    load_state_checked(gan.generator, load_tensor_file(path, card, "generator.safetensors"), f"{path}/generator.safetensors")
+    load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
+    gan.card = card
+    return gan.to(device)

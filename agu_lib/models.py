@@ -1,0 +1,249 @@
+"""GANs: one small abstraction (``GAN``) over any generator/discriminator pair, and the two
+built-in architectures (a DCGAN-style conv GAN and an MLP GAN).
+
+Conventions used everywhere in agu_lib:
+- latents are ``z ~ N(0, I)`` of shape ``(N, latent_dim)``;
+- ``gan.generate(z)`` returns images ``(N, C, H, W)`` in ``[-1, 1]``;
+- ``gan.discriminate(x)`` returns raw logits ``(N,)`` (no sigmoid).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# ----------------------------------------------------------------------------------------
+# Built-in architectures
+
+
+class MLPGenerator(nn.Module):
+    """z (N, latent_dim) -> Linear/ReLU stack -> Linear -> tanh -> (N, C, H, W).
+
+    The layer layout is that of the common MNIST MLP GANs (e.g. csinva's), so foreign
+    weights map onto ``layers.<i>.weight`` one to one.
+    """
+
+    def __init__(self, latent_dim: int, hidden: list[int], image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        dims = [latent_dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(dims[-1], math.prod(self.image_shape)), nn.Tanh()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z).view(-1, *self.image_shape)  # (N, C, H, W)
+
+
+class MLPDiscriminator(nn.Module):
+    """x (N, C, H, W) -> flatten -> Linear/LeakyReLU(0.2) stack -> Linear -> logit (N,)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int]):
+        super().__init__()
+        dims = [math.prod(image_shape), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+        layers += [nn.Linear(dims[-1], 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.flatten(1)).squeeze(1)  # (N,)
+
+
+def _upsampling_plan(size: int) -> tuple[int, int]:
+    """Start size s0 and number of x2 upsamplings so that s0 * 2**n == size, s0 in 3..7."""
+    n = 0
+    while size % 2 == 0 and size // 2 >= 4:
+        size //= 2
+        n += 1
+    if not 3 <= size <= 7:
+        raise ConfigError(
+            f"dcgan cannot make images of this size (start size {size} after halving); "
+            "use a size of the form s*2**n with s in 3..7, e.g. 16, 28 or 32"
+        )
+    return size, n
+
+
+class DCGANGenerator(nn.Module):
+    """z -> Linear -> (c0, s0, s0) -> [Upsample x2, Conv3x3, LeakyReLU] * n -> Conv3x3 -> tanh.
+
+    For 16x16 images with ``channels=64``: (64, 4, 4) -> (32, 8, 8) -> (16, 16, 16) -> (C, 16, 16).
+    No batch norm: every layer is per-sample, so per-sample gradients (the Fisher) and
+    train/eval modes behave the same.
+    """
+
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], channels: int = 64):
+        super().__init__()
+        c, h, w = image_shape
+        if h != w:
+            raise ConfigError(f"dcgan needs square images, got {h}x{w}")
+        self.s0, n_up = _upsampling_plan(h)
+        self.c0 = channels
+        self.fc = nn.Linear(latent_dim, channels * self.s0 * self.s0)
+        blocks: list[nn.Module] = []
+        ch = channels
+        for _ in range(n_up):
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(ch, ch // 2, 3, padding=1),
+                nn.LeakyReLU(0.2),
+            ]
+            ch //= 2
+        blocks += [nn.Conv2d(ch, c, 3, padding=1), nn.Tanh()]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.leaky_relu(self.fc(z), 0.2)
+        x = x.view(-1, self.c0, self.s0, self.s0)  # (N, c0, s0, s0)
+        return self.blocks(x)  # (N, C, H, W)
+
+
+class DCGANDiscriminator(nn.Module):
+    """x (N, C, H, W) -> [Conv4x4 stride 2, LeakyReLU] * n -> Linear -> logit (N,).
+
+    For 16x16 with ``channels=64``: (C,16,16) -> (16,8,8) -> (32,4,4) -> 512 -> 1.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: int = 64):
+        super().__init__()
+        c, h, _ = image_shape
+        s0, n_down = _upsampling_plan(h)
+        ch_out = channels // 2 ** max(n_down - 1, 0)
+        layers: list[nn.Module] = []
+        ch_in = c
+        for _ in range(n_down):
+            layers += [nn.Conv2d(ch_in, ch_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            ch_in, ch_out = ch_out, ch_out * 2
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(ch_in * s0 * s0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(x).flatten(1)).squeeze(1)  # (N,)
+
+
+def build_mlp(latent_dim: int, image_shape, g_hidden=(256, 256), d_hidden=(256, 256)):
+    """MLP GAN; layer widths default to those of csinva's MNIST MLP GAN."""
+    image_shape = tuple(image_shape)
+    return (
+        MLPGenerator(latent_dim, list(g_hidden), image_shape),
+        MLPDiscriminator(image_shape, list(d_hidden)),
+    )
+
+
+def build_dcgan(latent_dim: int, image_shape, channels: int = 64, d_channels: int | None = None):
+    """DCGAN-style conv GAN; ``channels`` is G's widest layer, ``d_channels`` D's (default same)."""
+    image_shape = tuple(image_shape)
+    return (
+        DCGANGenerator(latent_dim, image_shape, channels),
+        DCGANDiscriminator(image_shape, d_channels or channels),
+    )
+
+
+#: architecture name -> builder(latent_dim, image_shape, **kwargs) -> (generator, discriminator)
+ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
+    "dcgan": build_dcgan,
+    "mlp": build_mlp,
+}
+
+
+def register_architecture(name: str, builder: Callable[..., tuple[nn.Module, nn.Module]]) -> None:
+    """Make a user architecture known by name, so GANs built from it can be saved and loaded.
+
+    ``builder(latent_dim, image_shape, **arch_kwargs)`` must return ``(generator, discriminator)``.
+    """
+    ARCHITECTURES[name] = builder
+
+
+# ----------------------------------------------------------------------------------------
+# The abstraction
+
+
+class GAN(nn.Module):
+    """A generator/discriminator pair with what the rest of agu_lib needs to know about it.
+
+    Arguments:
+        generator: ``nn.Module``, z ``(N, latent_dim)`` -> images ``(N, C, H, W)`` or ``(N, C*H*W)``.
+        discriminator: ``nn.Module``, images ``(N, C, H, W)`` -> logits ``(N,)`` or ``(N, 1)``.
+            It must return raw logits (drop a final sigmoid).
+        latent_dim: size of z.
+        image_shape: ``(C, H, W)``.
+        arch, arch_kwargs: the registered architecture that rebuilds these modules (needed to
+            save the GAN); ``None`` for an ad-hoc pair that is only used in memory.
+        provenance: free-form dict saved in the card (where the weights came from).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        latent_dim: int,
+        image_shape,
+        arch: str | None = None,
+        arch_kwargs: dict | None = None,
+        provenance: dict | None = None,
+    ):
+        super().__init__()
+        if len(tuple(image_shape)) != 3:
+            raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim = int(latent_dim)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.output_range = (-1.0, 1.0)
+        self.arch = arch
+        self.arch_kwargs = dict(arch_kwargs or {})
+        self.provenance = dict(provenance or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def sample_latents(self, n: int, seed: int | None = 0, device=None) -> torch.Tensor:
+        """``n`` latents ``(n, latent_dim)`` from N(0, I); drawn on the CPU with ``seed`` so the
+        same seed gives the same latents on every device."""
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        z = torch.randn(n, self.latent_dim, generator=gen)
+        return z.to(device if device is not None else self.device)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, C, H, W)`` in [-1, 1] for latents ``z`` ``(N, latent_dim)``."""
+        return self.generator(z).reshape(-1, *self.image_shape)
+
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits ``(N,)`` for images ``x`` ``(N, C, H, W)``."""
+        return self.discriminator(x).reshape(-1)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int | None = 0, batch_size: int = 1024) -> torch.Tensor:
+        """``n`` images ``(n, C, H, W)`` on the GAN's device, generated in batches without grad."""
+        z = self.sample_latents(n, seed)
+        return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
+
+    def clone(self) -> "GAN":
+        """An independent deep copy (same device)."""
+        return copy.deepcopy(self)
+
+
+def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, **arch_kwargs) -> GAN:
+    """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...)."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        g, d = ARCHITECTURES[arch](latent_dim=latent_dim, image_shape=tuple(image_shape), **arch_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad arguments for architecture {arch!r}: {e}") from None
+    return GAN(g, d, latent_dim, image_shape, arch=arch, arch_kwargs=arch_kwargs, provenance=provenance)
+
+
+def generator_params(gan: GAN) -> list[torch.Tensor]:
+    """The generator's trainable parameters, in a fixed order (that of ``named_parameters``)."""
+    return [p for p in gan.generator.parameters() if p.requires_grad]
