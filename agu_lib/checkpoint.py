@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .models import ARCHITECTURES, GAN, build_gan
 
 FORMAT_VERSION = 1
@@ -240,7 +240,21 @@ def load_gan(path_or_name, device="cpu") -> GAN:
             f"{path} needs architecture {card['arch']!r}, which is not registered; "
             f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture"
         )
-    gan = build_gan(card["arch"], card["latent_dim"], card["image_shape"], provenance=card.get("provenance"), **card["arch_kwargs"])
+    shape, latent_dim = card["image_shape"], card["latent_dim"]
+    if not (
+        isinstance(card["arch_kwargs"], dict) and isinstance(card["files"], dict)
+        and isinstance(latent_dim, int) and latent_dim > 0
+        and isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)
+    ):
+        raise CheckpointError(
+            f"{path}/card.json is malformed: arch_kwargs and files must be objects, latent_dim a positive integer, "
+            f"image_shape three positive integers (got {str(card['arch_kwargs'])[:60]}, {latent_dim!r}, {str(shape)[:60]}); "
+            "re-create the checkpoint"
+        )
+    try:
+        gan = build_gan(card["arch"], latent_dim, shape, provenance=card.get("provenance"), **card["arch_kwargs"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}/card.json describes a GAN that cannot be built: {e}") from None
     load_state_checked(gan.generator, load_tensor_file(path, card, "generator.safetensors"), f"{path}/generator.safetensors")
     load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
     gan.card = card

@@ -61,6 +61,31 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.n} samples of {args.gan} (seed {args.seed}) to {args.out}")
 
 
+def parse_image_shape(text: str) -> tuple[int, int, int]:
+    """``"1,28,28"`` -> ``(1, 28, 28)``, with an error that shows the expected form."""
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--image-shape must be C,H,W with three positive integers, e.g. 1,28,28; got {text!r}")
+    return shape
+
+
+def cmd_import_gan(args) -> None:
+    import json
+
+    from .checkpoint import load_gan
+    from .foreign import import_gan
+
+    shape = parse_image_shape(args.image_shape)
+    prov = {"source": args.source} if args.source else None
+    out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov)
+    gan = load_gan(out)
+    print(f"imported {args.arch} GAN ({json.dumps(gan.arch_kwargs)}, latent_dim {gan.latent_dim}, "
+          f"images {'x'.join(map(str, gan.image_shape))}) to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -76,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
     _common(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("import-gan", help="convert third-party G/D checkpoints into an agu GAN directory")
+    p.add_argument("--arch", required=True, choices=["mlp", "dcgan"], help="architecture of the foreign weights")
+    p.add_argument("--generator", required=True, help="generator checkpoint (torch.save file; tensors only)")
+    p.add_argument("--discriminator", required=True, help="discriminator checkpoint (torch.save file; tensors only)")
+    p.add_argument("--latent-dim", type=int, required=True, help="size of z the generator takes")
+    p.add_argument("--image-shape", required=True, help="C,H,W of the images, e.g. 1,28,28")
+    p.add_argument("--out", required=True, help="agu GAN directory to write")
+    p.add_argument("--source", default=None, help="where the weights came from (URL, licence), saved in the card")
+    _common(p)
+    p.set_defaults(func=cmd_import_gan)
 
     return parser
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny seeded models and the locations of shared data (skipped when absent).
+
+Tests run offline on a CPU in seconds; shared data comes from ``$AGU_MNIST_DIR`` /
+``$AGU_THIRD_PARTY_DIR`` (default ``<repo>/../shared/data/...``), never from absolute paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agu_lib.data import mnist_dir as _mnist_dir
+from agu_lib.data import third_party_dir as _third_party_dir
+from agu_lib.models import build_gan
+
+torch.set_num_threads(1)  # the test machines are small and shared
+
+
+@pytest.fixture
+def tiny_gan():
+    """A freshly initialised, seeded 16x16 grayscale DCGAN with 8 channels and latent_dim 8."""
+    torch.manual_seed(0)
+    return build_gan("dcgan", 8, (1, 16, 16), channels=8)
+
+
+@pytest.fixture
+def mnist_dir():
+    """The folder with MNIST's IDX files; skips the test when there is none."""
+    d = _mnist_dir()
+    if d is None:
+        pytest.skip("MNIST IDX files not found: set AGU_MNIST_DIR to a folder holding t10k-images-idx3-ubyte.gz etc.")
+    return d
+
+
+@pytest.fixture
+def third_party_dir():
+    """The folder with third-party checkpoints; skips the test when there is none."""
+    d = _third_party_dir()
+    if d is None:
+        pytest.skip("third-party checkpoints not found: set AGU_THIRD_PARTY_DIR to the folder holding csinva_mnist_mlp_gan/")
+    return d
