@@ -1,0 +1,133 @@
+"""Stage 1 — negative adaptation: fine-tune copies of the pre-trained GAN on a few negatives,
+with an EWC penalty that keeps the generator near theta_G where the Fisher says it matters.
+
+    theta_N, phi_N = argmin_theta max_phi  L_adv(theta, phi; negatives) + lambda * sum_i F_i (theta_i - theta_G,i)^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, DataError
+from .losses import d_logistic_loss, ewc_penalty, fisher_diagonal, flatten_params, g_nonsaturating_loss
+from .models import GAN, generator_params
+from .training import LossLog, adam, augment, autocast, check_positive, sample_batch
+
+
+@dataclass
+class AdaptConfig:
+    """Stage-1 settings. Defaults work on the shipped digits GAN and on csinva's MNIST MLP GAN."""
+
+    iters: int = 300  # training steps per adapted model (paper's code: ~2000 at batch 16 on MNIST)
+    batch_size: int = 16  # as in the paper's code
+    n_negatives: int = 32  # negatives per adapted model (paper's code: ~20 on MNIST)
+    n_models: int = 1  # K adapted models, each from its own draw of negatives (paper's code: 5)
+    g_lr: float = 5e-4  # G learns fast enough to leave theta_G ...
+    d_lr: float = 1e-4  # ... while a slower D does not memorise the few negatives
+    ewc_lambda: float = 10.0  # lambda; with the normalised Fisher one value fits many models
+    fisher_samples: int = 32  # latents for the Fisher estimate (paper's code: 32)
+    fisher_normalize: bool = True  # F / mean(F): scale-free penalty (the raw Fisher's scale varies by 1e6 across models)
+    instance_noise: float = 0.3  # std of Gaussian noise added to D's inputs (real and fake)
+    augment_shift: int = 1  # random translation (pixels) of D's inputs, real and fake
+    log_every: int = 50  # steps between loss readouts (one host sync each)
+    seed: int = 0
+    amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
+
+    def validate(self) -> None:
+        for name in ("iters", "batch_size", "n_negatives", "n_models", "fisher_samples", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"adapt: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("g_lr", "d_lr"):
+            check_positive(f"adapt: {name}", getattr(self, name))
+        for name in ("ewc_lambda", "instance_noise"):
+            check_positive(f"adapt: {name}", getattr(self, name), allow_zero=True)
+        check_positive("adapt: augment_shift", self.augment_shift, allow_zero=True)
+
+
+@dataclass
+class AdaptResult:
+    models: list[GAN]  # the K adapted GANs (theta_N^k, phi_N^k)
+    fisher: torch.Tensor  # (P,) the Fisher used by the penalty (normalised if asked)
+    logs: list[list[dict]] = field(default_factory=list)  # per model: rows of mean losses
+    config: dict = field(default_factory=dict)
+
+
+def adapt(
+    gan: GAN,
+    negatives: torch.Tensor,
+    config: AdaptConfig | None = None,
+    device=None,
+    progress: bool = True,
+) -> AdaptResult:
+    """Adapt ``config.n_models`` copies of ``gan`` to ``negatives`` ``(n, C, H, W)`` in [-1, 1].
+
+    Model k trains on its own random draw of ``n_negatives`` from the pool (all of it when the
+    pool is smaller). ``gan`` itself is not changed.
+    """
+    cfg = config or AdaptConfig()
+    cfg.validate()
+    device = torch.device(device) if device is not None else gan.device
+    if negatives.ndim != 4 or tuple(negatives.shape[1:]) != gan.image_shape:
+        raise DataError(f"negatives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(negatives.shape)}")
+    if len(negatives) < 2:
+        raise DataError(f"adapt needs at least 2 negatives, got {len(negatives)}")
+
+    # --- setup: fixed things computed once --------------------------------------------
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    original = gan.to(device).eval()
+    anchor = flatten_params(generator_params(original)).detach()  # theta_G, (P,)
+    z_fisher = original.sample_latents(cfg.fisher_samples, seed=cfg.seed + 7919)
+    fisher = fisher_diagonal(original.generator, original.discriminator, z_fisher)
+    if cfg.fisher_normalize:
+        fisher = fisher / fisher.mean().clamp_min(1e-30)
+    pool = negatives.to(device)
+
+    models, logs = [], []
+    for k in range(cfg.n_models):
+        draw = torch.randperm(len(pool), generator=gen)[: cfg.n_negatives]
+        real_set = pool[draw.to(device)]
+        model = original.clone().train()
+        opt_g = adam(model.generator.parameters(), cfg.g_lr)
+        opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
+        log = LossLog(["d_loss", "g_adv", "ewc"], cfg.log_every, f"adapt (model {k + 1}/{cfg.n_models})")
+        bar = tqdm(range(cfg.iters), desc=f"adapt {k + 1}/{cfg.n_models}", disable=not progress, leave=False)
+
+        # --- train: the GAN game on the negatives, EWC on G -------------------------------
+        for step in bar:
+            real = augment(sample_batch(real_set, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
+            z = torch.randn(cfg.batch_size, gan.latent_dim, generator=gen).to(device)
+
+            # D step: max_phi L_adv
+            with autocast(device, cfg.amp):
+                fake = model.generate(z).detach()
+                d_loss = d_logistic_loss(
+                    model.discriminate(real), model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen))
+                )
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+            # G step: min_theta L_adv + lambda * EWC
+            with autocast(device, cfg.amp):
+                fake = model.generate(z)
+                g_adv = g_nonsaturating_loss(model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen)))
+            ewc = ewc_penalty(flatten_params(generator_params(model)), anchor, fisher)
+            opt_g.zero_grad(set_to_none=True)
+            (g_adv.float() + cfg.ewc_lambda * ewc).backward()
+            opt_g.step()
+
+            row = log.add(step, d_loss, g_adv, ewc)
+            if row and progress:
+                bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")
+        log.flush(cfg.iters - 1)
+
+        # --- save: keep the adapted model ---------------------------------------------------
+        model.eval()
+        model.provenance = {**gan.provenance, "stage": "adapted", "adapt_model": k, "adapt_config": asdict(cfg)}
+        models.append(model)
+        logs.append(log.rows)
+    return AdaptResult(models, fisher, logs, asdict(cfg))

@@ -1,0 +1,42 @@
+"""Directions in parameter space: theta_G - theta_N points away from the feature.
+
+The extrapolation baseline moves along it: theta(gamma) = theta_N + gamma (theta_G - theta_N);
+gamma = 0 is the adapted GAN, gamma = 1 the original, gamma > 1 suppresses the feature (and,
+the paper observes, quality with it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+from .models import GAN
+
+
+# theta(gamma) = theta_N + gamma * (theta_G - theta_N), for G and D alike (every floating tensor)
+@torch.no_grad()
+def extrapolate(original: GAN, adapted: GAN, gamma: float) -> GAN:
+    """A new GAN at ``theta_N + gamma (theta_G - theta_N)``; with several adapted GANs pass their
+    mean (``mean_gan``). ``gamma = 1`` returns the original's parameters exactly."""
+    if not isinstance(gamma, (int, float)) or gamma != gamma:
+        raise ConfigError(f"gamma must be a number, got {gamma!r}")
+    out = original.clone()
+    sd_g, sd_n = original.state_dict(), adapted.state_dict()
+    if sd_g.keys() != sd_n.keys():
+        raise ConfigError("the adapted GAN does not have the original's architecture")
+    new = {}
+    for k, tg in sd_g.items():
+        tn = sd_n[k].to(tg.device)
+        new[k] = tg.clone() if (gamma == 1 or not tg.is_floating_point()) else tn + gamma * (tg - tn)
+    out.load_state_dict(new)
+    out.provenance = {**original.provenance, "stage": "extrapolated", "gamma": float(gamma)}
+    return out
+
+
+@torch.no_grad()
+def mean_gan(gans: list[GAN]) -> GAN:
+    """The GAN whose parameters are the mean of ``gans``' (same architecture)."""
+    out = gans[0].clone()
+    sds = [g.state_dict() for g in gans]
+    out.load_state_dict({k: (torch.stack([sd[k] for sd in sds]).mean(0) if v.is_floating_point() else v) for k, v in sds[0].items()})
+    return out

@@ -1,0 +1,242 @@
+"""Metrics in a registry: each takes the GAN under test and an ``EvalContext`` (everything fixed,
+computed once: the evaluation latents, the original GAN's samples and labels, the real data's
+feature statistics) and returns a dict of named floats.
+
+FID here is computed in the feature space of agu's classifier (its 128-d penultimate layer),
+not Inception's: no Inception weights are available offline. Every output names the network
+(``ctx.feature_network``); numbers are comparable within agu, not with Inception FIDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .losses import flatten_params
+from .models import GAN, generator_params
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+
+
+@torch.no_grad()
+def generate_batched(gan: GAN, z: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Images for latents ``z`` on the CPU, in batches, without grad."""
+    gan_device = gan.device
+    return torch.cat([gan.generate(zb.to(gan_device)).float().cpu() for zb in z.split(batch_size)])
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(d,)`` and covariance ``(d, d)`` of features ``(n, d)``, float64."""
+    f = features.double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+# FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
+def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """Fréchet distance between two Gaussians; Tr (S1 S2)^(1/2) via the symmetric form
+    S1^(1/2) S2 S1^(1/2), whose eigenvalues are real and >= 0."""
+    w, v = np.linalg.eigh(s1)
+    sqrt_s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision/recall (Kynkäänniemi et al. 2019) with k-NN balls in feature space:
+    precision = share of fakes inside some real ball, recall = share of reals inside some fake ball."""
+
+    def radii(x):
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # k-th neighbour, excluding self
+
+    real, fake = real.float(), fake.float()
+    r_real, r_fake = radii(real), radii(fake)
+    d = torch.cdist(fake, real)  # (n_fake, n_real)
+    precision = (d <= r_real.unsqueeze(0)).any(1).float().mean()
+    recall = (d.T <= r_fake.unsqueeze(0)).any(1).float().mean()
+    return float(precision), float(recall)
+
+
+def class_shares(labels: torch.Tensor, n_classes: int, exclude=()) -> torch.Tensor:
+    """Shares ``(n_classes,)`` of each class among the labels not in ``exclude`` (excluded = 0)."""
+    keep = ~torch.isin(labels, torch.as_tensor(list(exclude), dtype=labels.dtype))
+    counts = torch.bincount(labels[keep], minlength=n_classes).double()
+    return counts / counts.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------
+# The fixed evaluation context
+
+
+@dataclass
+class EvalContext:
+    """Everything the metrics compare against, computed once by ``make_context``."""
+
+    original: GAN
+    oracle: Callable  # images -> bool (negative)
+    z: torch.Tensor  # (n_eval, latent_dim) evaluation latents, CPU
+    classifier: object | None = None  # agu Classifier: labels and FID features
+    forget: list[int] = field(default_factory=list)
+    real_features: torch.Tensor | None = None  # features of real data without the forgotten class
+    retrained: GAN | None = None  # GAN retrained from scratch without the class (Ret-FID)
+    adapted: list[GAN] = field(default_factory=list)
+    feature_network: str = "none"
+    n_pr: int = 2000  # samples used for precision/recall (k-NN is quadratic)
+    # caches filled by make_context
+    orig_negative: torch.Tensor | None = None  # (n_eval,) bool
+    orig_labels: torch.Tensor | None = None
+    orig_features: torch.Tensor | None = None
+    retrained_features: torch.Tensor | None = None
+    _current: dict = field(default_factory=dict)  # per-GAN cache: images/labels/features
+
+
+def make_context(
+    original: GAN,
+    oracle: Callable,
+    n_eval: int = 5000,
+    seed: int = 1234,
+    classifier=None,
+    forget=(),
+    real_images: torch.Tensor | None = None,
+    retrained: GAN | None = None,
+    adapted: list[GAN] | None = None,
+) -> EvalContext:
+    """Fix the evaluation latents and compute the original GAN's labels/features and the real
+    data's features once. ``real_images``: real data **without** the forgotten class."""
+    if n_eval < 10:
+        raise ConfigError(f"n_eval must be at least 10, got {n_eval}")
+    z = original.sample_latents(n_eval, seed=seed, device="cpu")
+    x = generate_batched(original, z)
+    ctx = EvalContext(original, oracle, z, classifier, [int(c) for c in forget], retrained=retrained, adapted=list(adapted or []))
+    ctx.orig_negative = oracle(x)
+    if classifier is not None:
+        classifier.check_shape(original.image_shape)
+        ctx.orig_labels = classifier.predict(x).cpu()
+        ctx.orig_features = classifier.features(x).cpu()
+        name = classifier.meta.get("dataset", "?")
+        ctx.feature_network = f"agu SmallCNN classifier ({name}), penultimate layer, {ctx.orig_features.shape[1]}-d"
+        if real_images is not None:
+            ctx.real_features = classifier.features(real_images).cpu()
+        if retrained is not None:
+            ctx.retrained_features = classifier.features(generate_batched(retrained, z)).cpu()
+    return ctx
+
+
+def _outputs(gan: GAN, ctx: EvalContext) -> dict:
+    """Images, oracle answers, labels and features of ``gan`` on the evaluation latents (cached per call of evaluate)."""
+    if ctx._current.get("gan") is not gan:
+        x = generate_batched(gan, ctx.z)
+        out = {"gan": gan, "images": x, "negative": ctx.oracle(x)}
+        if ctx.classifier is not None:
+            out["labels"] = ctx.classifier.predict(x).cpu()
+            out["features"] = ctx.classifier.features(x).cpu()
+        ctx._current = out
+    return ctx._current
+
+
+# ----------------------------------------------------------------------------------------
+# The registry
+
+METRICS: dict[str, Callable[[GAN, EvalContext], dict]] = {}
+
+
+def metric(name: str):
+    def register(fn):
+        METRICS[name] = fn
+        return fn
+
+    return register
+
+
+# PUL = 100 * (N_orig - N_new) / N_orig on the same latents
+@metric("pul")
+def pul(gan: GAN, ctx: EvalContext) -> dict:
+    n_orig = int(ctx.orig_negative.sum())
+    n_new = int(_outputs(gan, ctx)["negative"].sum())
+    value = 100.0 * (n_orig - n_new) / n_orig if n_orig > 0 else float("nan")
+    return {"pul": value, "negatives_original": float(n_orig), "negatives": float(n_new)}
+
+
+@metric("negative_share")
+def negative_share(gan: GAN, ctx: EvalContext) -> dict:
+    return {
+        "negative_share": float(_outputs(gan, ctx)["negative"].float().mean()),
+        "negative_share_original": float(ctx.orig_negative.float().mean()),
+    }
+
+
+@metric("fid")
+def fid(gan: GAN, ctx: EvalContext) -> dict:
+    """FID vs real data without the class, vs the original GAN's positive samples, vs the retrained GAN."""
+    if ctx.classifier is None:
+        return {}
+    f = _outputs(gan, ctx)["features"]
+    out = {"fid_positives": fid_from_features(f, ctx.orig_features[~ctx.orig_negative])}
+    if ctx.real_features is not None:
+        out["fid_real"] = fid_from_features(f, ctx.real_features)
+    if ctx.retrained_features is not None:
+        out["ret_fid"] = fid_from_features(f, ctx.retrained_features)
+    return out
+
+
+# TV = 1/2 sum_c |p_c - q_c| over the retained classes' shares (before vs after)
+@metric("retained_tv")
+def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
+    if ctx.classifier is None:
+        return {}
+    n = ctx.classifier.n_classes
+    p = class_shares(ctx.orig_labels, n, ctx.forget)
+    q = class_shares(_outputs(gan, ctx)["labels"], n, ctx.forget)
+    out = {"retained_tv": float(0.5 * (p - q).abs().sum())}
+    out.update({f"share_{c}": float(s) for c, s in enumerate(class_shares(_outputs(gan, ctx)["labels"], n))})
+    return out
+
+
+@metric("precision_recall")
+def precision_recall(gan: GAN, ctx: EvalContext) -> dict:
+    if ctx.classifier is None or ctx.real_features is None:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    real = ctx.real_features[torch.randperm(len(ctx.real_features), generator=gen)[: ctx.n_pr]]
+    fake = _outputs(gan, ctx)["features"][: ctx.n_pr]
+    p, r = knn_precision_recall(real, fake)
+    return {"precision": p, "recall": r}
+
+
+# distances ||theta - theta_G||^2 and mean_k ||theta - theta_N^k||^2 (plain squared L2 over G's parameters)
+@metric("param_distance")
+def param_distance_metric(gan: GAN, ctx: EvalContext) -> dict:
+    theta = flatten_params(generator_params(gan)).detach().cpu()
+    out = {"dist_to_original": float((theta - flatten_params(generator_params(ctx.original)).detach().cpu()).pow(2).sum())}
+    if ctx.adapted:
+        ds = [float((theta - flatten_params(generator_params(a)).detach().cpu()).pow(2).sum()) for a in ctx.adapted]
+        out["dist_to_adapted"] = sum(ds) / len(ds)
+    return out
+
+
+def evaluate(gan: GAN, ctx: EvalContext, metrics=None) -> dict:
+    """Run the named metrics (default: all) on ``gan``; returns one flat dict of floats."""
+    names = list(metrics) if metrics else list(METRICS)
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    was = gan.training
+    gan.eval()
+    out: dict = {}
+    try:
+        for name in names:
+            out.update(METRICS[name](gan, ctx))
+    finally:
+        ctx._current = {}
+        gan.train(was)
+    return out

@@ -1,0 +1,195 @@
+"""Stage 2 — unlearning: train the original GAN on positives with a repulsion term that pushes
+its generator away from the adapted parameters theta_N^k (and the fine-tuning baselines, which
+are the same loop with another regulariser).
+
+    theta_P, phi_P = argmin_theta max_phi  L_adv(theta, phi; positives) + gamma * L_repulsion(theta)
+
+with L_repulsion a function of the distances d_k = sum_i w_i (theta_i - theta_N,k,i)^2, maximal at
+theta_N (``losses.REPULSIONS``). Distances (``distance``):
+
+- ``fisher`` (default): w = F / mean(F), the Fisher of G at theta_G, so the distance counts the
+  parameters that move the output. Plain L2 repulsion mostly pushes output-irrelevant weights
+  (Adam normalises each parameter's step, so every weight moves as fast as any other).
+- ``l2``: w = 1, the plain squared L2 of the paper's equation.
+- ``per_tensor``: w = 1/(T n_t), the mean of per-tensor mean squared differences of the paper's code.
+
+With ``normalize_distance`` (default) d_k is divided by its value at the start, d_k(theta_G), so
+alpha and gamma mean the same for every model: d = 1 at the start for every k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, DataError
+from .losses import (
+    REPULSIONS,
+    d_logistic_loss,
+    ewc_penalty,
+    fisher_diagonal,
+    flatten_params,
+    g_nonsaturating_loss,
+    param_distance,
+    per_tensor_weights,
+)
+from .models import GAN, generator_params
+from .training import LossLog, adam, augment, autocast, check_positive, sample_batch
+
+REPULSION_METHODS = tuple(REPULSIONS)  # el2, nl2, il2
+FINETUNE_METHODS = ("finetune", "ewc")  # baselines: no regulariser / EWC towards theta_G
+DISTANCES = ("fisher", "l2", "per_tensor")
+
+
+@dataclass
+class UnlearnConfig:
+    """Stage-2 settings; defaults are used unchanged for every class and both shipped GANs."""
+
+    method: str = "el2"  # el2 | nl2 | il2 (repulsion) or finetune | ewc (baselines)
+    gamma: float = 1.0  # repulsion weight (> 0)
+    alpha: float = 1.0  # EL2 sharpness: exp(-alpha d); with normalised d, 1 = "decays over the starting distance"
+    distance: str = "fisher"  # fisher | l2 | per_tensor (see module docstring)
+    normalize_distance: bool = True  # d_k / d_k(theta_G): gamma and alpha transfer across models
+    ewc_lambda: float = 10.0  # for method "ewc": weight of sum_i F_i (theta_i - theta_G,i)^2 (normalised F)
+    iters: int = 400  # training steps
+    batch_size: int = 64
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    instance_noise: float = 0.0  # std of noise on D's inputs (positives are plentiful: none needed)
+    augment_shift: int = 0
+    fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
+    log_every: int = 50
+    seed: int = 0
+    amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
+
+    def validate(self, n_adapted: int) -> None:
+        valid = REPULSION_METHODS + FINETUNE_METHODS
+        if self.method not in valid:
+            raise ConfigError(f"unknown unlearning method {self.method!r}; valid: {', '.join(valid)}")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"unknown distance {self.distance!r}; valid: {', '.join(DISTANCES)}")
+        if self.method in REPULSION_METHODS:
+            if not self.gamma > 0:
+                raise ConfigError(
+                    f"gamma must be > 0, got {self.gamma}: the repulsion term is maximal at the adapted parameters, "
+                    "so a negative gamma turns repulsion into attraction towards the negative-only GAN (the paper's "
+                    "public code ships -0.1 for two data sets: a bug). Use a positive gamma, e.g. 1"
+                )
+            if n_adapted < 1:
+                raise ConfigError(f"method {self.method} needs at least one adapted GAN (run stage 1 first)")
+            check_positive("alpha", self.alpha)
+        for name in ("iters", "batch_size", "fisher_samples", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"unlearn: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("g_lr", "d_lr"):
+            check_positive(f"unlearn: {name}", getattr(self, name))
+        for name in ("ewc_lambda", "instance_noise"):
+            check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
+
+
+@dataclass
+class UnlearnResult:
+    gan: GAN  # the unlearned GAN (theta_P, phi_P)
+    log: list[dict] = field(default_factory=list)  # rows of mean losses (and distances)
+    config: dict = field(default_factory=dict)
+
+
+def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> torch.Tensor | None:
+    """The per-parameter weights w of ``param_distance`` for a distance kind (None = plain L2)."""
+    params = generator_params(gan)
+    if kind == "l2":
+        return None
+    if kind == "per_tensor":
+        return per_tensor_weights(params)
+    fisher = fisher_diagonal(gan.generator, gan.discriminator, gan.sample_latents(fisher_samples, seed=seed + 7919))
+    return fisher / fisher.mean().clamp_min(1e-30)
+
+
+def unlearn(
+    gan: GAN,
+    positives: torch.Tensor,
+    adapted: list[GAN] | None = None,
+    config: UnlearnConfig | None = None,
+    device=None,
+    progress: bool = True,
+) -> UnlearnResult:
+    """Train a copy of ``gan`` on ``positives`` ``(n, C, H, W)`` with the configured regulariser.
+
+    ``adapted`` are the stage-1 GANs (needed by the repulsion methods). ``gan`` is not changed.
+    """
+    cfg = config or UnlearnConfig()
+    adapted = list(adapted or [])
+    cfg.validate(len(adapted))
+    device = torch.device(device) if device is not None else gan.device
+    if positives.ndim != 4 or tuple(positives.shape[1:]) != gan.image_shape:
+        raise DataError(f"positives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(positives.shape)}")
+    if len(positives) < cfg.batch_size // 4:
+        raise DataError(f"unlearn needs a pool of positives, got only {len(positives)}; draw more samples")
+
+    # --- setup: fixed things computed once, held on the device --------------------------
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = gan.clone().to(device).train()
+    theta_g = flatten_params(generator_params(model)).detach()  # (P,)
+    repulsive = cfg.method in REPULSION_METHODS
+    if repulsive:
+        anchors = torch.stack([flatten_params(generator_params(a.to(device))).detach() for a in adapted])  # (K, P)
+        weights = distance_weights(model, cfg.distance, cfg.seed, cfg.fisher_samples)
+        d0 = param_distance(theta_g, anchors, weights)  # (K,) distances at the start
+        if not bool((d0 > 0).all()):
+            raise ConfigError("an adapted GAN equals the original (distance 0): stage 1 did not move it; adapt again")
+        scale = 1.0 / d0 if cfg.normalize_distance else torch.ones_like(d0)
+        repulsion = REPULSIONS[cfg.method]
+        reg_kwargs = {"alpha": cfg.alpha} if cfg.method == "el2" else {}
+    elif cfg.method == "ewc":
+        fisher = distance_weights(model, "fisher", cfg.seed, cfg.fisher_samples)
+    pool = positives.to(device)
+    log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
+    bar = tqdm(range(cfg.iters), desc=f"unlearn {cfg.method}", disable=not progress, leave=False)
+    opt_g = adam(model.generator.parameters(), cfg.g_lr)
+    opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
+
+    # --- train: the GAN game on the positives plus the regulariser on G -----------------
+    for step in bar:
+        real = augment(sample_batch(pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
+        z = torch.randn(cfg.batch_size, gan.latent_dim, generator=gen).to(device)
+
+        # D step: max_phi L_adv
+        with autocast(device, cfg.amp):
+            fake = model.generate(z).detach()
+            d_loss = d_logistic_loss(
+                model.discriminate(real), model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen))
+            )
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+        # G step: min_theta L_adv + gamma * L_repulsion   (or + lambda * EWC, or nothing)
+        with autocast(device, cfg.amp):
+            fake = model.generate(z)
+            g_adv = g_nonsaturating_loss(model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen)))
+        theta = flatten_params(generator_params(model))
+        if repulsive:
+            d = param_distance(theta, anchors, weights) * scale  # (K,)
+            reg = cfg.gamma * repulsion(d, **reg_kwargs)
+            dist = d.mean().detach()
+        elif cfg.method == "ewc":
+            reg = cfg.ewc_lambda * ewc_penalty(theta, theta_g, fisher)
+            dist = reg.detach()
+        else:
+            reg = dist = torch.zeros((), device=device)
+        opt_g.zero_grad(set_to_none=True)
+        (g_adv.float() + reg).backward()
+        opt_g.step()
+
+        row = log.add(step, d_loss, g_adv, reg, dist)
+        if row and progress:
+            bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
+    log.flush(cfg.iters - 1)
+
+    # --- done -----------------------------------------------------------------------------
+    model.eval()
+    model.provenance = {**gan.provenance, "stage": "unlearned", "unlearn_config": asdict(cfg)}
+    return UnlearnResult(model, log.rows, asdict(cfg))
