@@ -142,6 +142,28 @@ def train_classifier(
     return clf, scores
 
 
+#: the shipped classifiers' data: held-out test images (seeded split, seed 0) and default epochs.
+#: digits: 1,437 train / 360 test of scikit-learn's 1,797; mnist: 8,000 train / 2,000 test of
+#: MNIST's 10k test split (the only MNIST split on our machines).
+CLASSIFIER_DATASETS = {"digits": {"n_test": 360, "epochs": 30}, "mnist": {"n_test": 2000, "epochs": 10}}
+SPLIT_SEED = 0
+
+
+def classifier_split(dataset: str, mnist_root=None) -> tuple[ImageSet, ImageSet]:
+    """The (train, test) split the shipped classifier of ``dataset`` (``digits`` or ``mnist``)
+    was trained and tested on; tests recompute it with this function.
+
+    Arguments:
+        mnist_root: folder of MNIST's IDX files (default ``data.mnist_dir()``); mnist only.
+    """
+    from .data import load_digits, load_mnist
+
+    if dataset not in CLASSIFIER_DATASETS:
+        raise ConfigError(f"unknown classifier data set {dataset!r}; valid: {', '.join(CLASSIFIER_DATASETS)}")
+    data = load_digits() if dataset == "digits" else load_mnist(mnist_root, split="test")
+    return data.split(n_test=CLASSIFIER_DATASETS[dataset]["n_test"], seed=SPLIT_SEED)
+
+
 def accuracy(clf: Classifier, data: ImageSet) -> float:
     return float((clf.predict(data.images).cpu() == data.labels).float().mean())
 

@@ -86,6 +86,71 @@ def cmd_import_gan(args) -> None:
           f"images {'x'.join(map(str, gan.image_shape))}) to {out}")
 
 
+def cmd_train_classifier(args) -> None:
+    from .classifier import CLASSIFIER_DATASETS, ClassifierConfig, classifier_split, save_classifier, train_classifier
+
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.mnist_dir is not None and args.dataset != "mnist":
+        raise ConfigError("--mnist-dir is only used with --dataset mnist")
+    device = pick_device(args.device)
+    train, test = classifier_split(args.dataset, mnist_root=args.mnist_dir)
+    cfg = ClassifierConfig(epochs=args.epochs or CLASSIFIER_DATASETS[args.dataset]["epochs"], seed=args.seed)
+    clf, scores = train_classifier(train, test, cfg, device=device, progress=not args.quiet)
+    clf.meta["split"] = {"train": len(train), "test": len(test), "seed": 0}
+    save_classifier(clf, args.out)
+    print(f"{args.dataset} classifier: train accuracy {scores['train_accuracy']:.4f} ({len(train)} images), "
+          f"test accuracy {scores['test_accuracy']:.4f} ({len(test)} held-out images); saved to {args.out}")
+
+
+def cmd_pretrain(args) -> None:
+    import platform
+    import time
+
+    from .checkpoint import save_gan
+    from .classifier import load_classifier
+    from .data import load_digits
+    from .pretrain import PretrainConfig, coverage, pretrain
+
+    cfg = PretrainConfig(seed=args.seed)
+    if args.iterations is not None:
+        if args.iterations < 1:
+            raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
+        cfg.iterations = args.iterations
+    device = pick_device(args.device)
+    data = load_digits()
+    clf = load_classifier(args.classifier, device=device)
+    t0 = time.perf_counter()
+    gan, report = pretrain(data, cfg, clf, device=device, progress=not args.quiet)
+    seconds = round(time.perf_counter() - t0, 1)
+    final = coverage(clf, gan.sample(5000, seed=0))  # the check the tests make: 5,000 samples, seed 0
+    command = f"agu pretrain --dataset {args.dataset} --out {args.out} --seed {args.seed}"
+    if args.iterations is not None:
+        command += f" --iterations {args.iterations}"
+    if args.classifier != "digits":
+        command += f" --classifier {args.classifier}"
+    gan.provenance = {
+        "source": "trained by agu pretrain on scikit-learn's digits (1,797 images, 16x16)",
+        "command": command,
+        "seed": args.seed,
+        "iterations": report["stopped_at"],
+        "best_iteration": report["best_iteration"],
+        "stopped_early": report["stopped_early"],
+        "seconds": seconds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "classifier": str(args.classifier),
+        "final_histogram_5000_seed0": final["shares"],
+        "final_confidence_5000_seed0": final["confidence"],
+    }
+    save_gan(gan, args.out, step=report["best_iteration"], extra={"pretrain_report": report})
+    print(f"pretrained for {report['stopped_at']} iterations in {seconds:.0f} s; kept iteration {report['best_iteration']}")
+    print("class shares on 5,000 samples (seed 0): " + " ".join(f"{k}:{s:.3f}" for k, s in enumerate(final["shares"])))
+    print(f"mean top-class confidence: {final['confidence']:.3f}; saved to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="where the weights came from (URL, licence), saved in the card")
     _common(p)
     p.set_defaults(func=cmd_import_gan)
+
+    p = sub.add_parser("train-classifier", help="train the small CNN classifier that plays the user and gives FID features")
+    p.add_argument("--dataset", required=True, choices=["digits", "mnist"], help="digits (scikit-learn) or mnist (IDX files)")
+    p.add_argument("--out", required=True, help="classifier directory to write")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: digits 30, mnist 10)")
+    p.add_argument("--mnist-dir", default=None, help="folder of MNIST's IDX files (default: $AGU_MNIST_DIR or ../shared/data/mnist)")
+    _common(p)
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("pretrain", help="train the default GAN, keeping the snapshot that covers all classes best")
+    p.add_argument("--dataset", required=True, choices=["digits"], help="training data (digits)")
+    p.add_argument("--out", required=True, help="GAN directory to write")
+    p.add_argument("--iterations", type=int, default=None, help="maximum iterations (default: PretrainConfig.iterations)")
+    p.add_argument("--classifier", default="digits", help="classifier directory or shipped name for the coverage checks (default: digits)")
+    _common(p)
+    p.set_defaults(func=cmd_pretrain)
 
     return parser
 
