@@ -151,6 +151,219 @@ def cmd_pretrain(args) -> None:
     print(f"mean top-class confidence: {final['confidence']:.3f}; saved to {args.out}")
 
 
+# ----------------------------------------------------------------------------------------
+# The method: adapt, unlearn, evaluate, run, table
+
+
+def _load_pair(args, device):
+    """The GAN and the classifier of a method command, with their shapes checked."""
+    from .checkpoint import load_gan
+    from .classifier import load_classifier
+
+    gan = load_gan(args.gan, device=device)
+    clf = None
+    if getattr(args, "classifier", None):
+        clf = load_classifier(args.classifier, device=device)
+        clf.check_shape(gan.image_shape)
+    return gan, clf
+
+
+def _oracle(args, gan, clf):
+    """The feedback of a method command: a classifier and --forget classes, or --bold (a predicate)."""
+    from .feedback import ClassifierOracle, bold_strokes
+
+    if getattr(args, "bold", None) is not None:
+        return bold_strokes(gan.sample(5000, seed=args.seed + 999), args.bold)
+    if clf is None or not args.forget:
+        raise ConfigError("say what to forget: --classifier CLF --forget CLASS [CLASS ...] (or --bold PERCENTILE)")
+    return ClassifierOracle(clf, args.forget, args.threshold)
+
+
+def _real_without(args, gan, forget):
+    """Real data without the forgotten classes, when the GAN's data set is at hand (digits, MNIST)."""
+    from .data import load_digits, load_mnist, mnist_dir
+
+    name = getattr(args, "real", "auto")
+    if name == "none":
+        return None, None
+    if name in ("auto", "digits") and gan.image_shape == (1, 16, 16):
+        real = load_digits()
+    elif name in ("auto", "mnist") and gan.image_shape == (1, 28, 28) and (args.mnist_dir or mnist_dir()):
+        real = load_mnist(args.mnist_dir or mnist_dir(), split="test")
+    elif name == "auto":
+        return None, None
+    else:
+        raise ConfigError(f"--real {name} does not fit a GAN of image shape {gan.image_shape}; use --real none")
+    return real, (real.without(forget).images if forget else real.images)
+
+
+def _run_config(args):
+    from .pipeline import RunConfig
+
+    cfg = RunConfig(method=args.method, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
+    if args.gamma is not None:
+        if args.method == "extrapolate":
+            cfg.extrapolate_gamma = args.gamma
+        else:
+            cfg.unlearn.gamma = args.gamma
+    if args.alpha is not None:
+        cfg.unlearn.alpha = args.alpha
+    if args.distance is not None:
+        cfg.unlearn.distance = args.distance
+    if args.iters is not None:
+        cfg.unlearn.iters = args.iters
+    if args.adapt_iters is not None:
+        cfg.adapt.iters = args.adapt_iters
+    if args.k is not None:
+        cfg.adapt.n_models = args.k
+    if args.lam is not None:
+        cfg.adapt.ewc_lambda = args.lam
+    cfg.validate()
+    return cfg
+
+
+def cmd_run(args) -> None:
+    from .pipeline import run, summary
+
+    device = pick_device(args.device)
+    cfg = _run_config(args)
+    gan, clf = _load_pair(args, device)
+    oracle = _oracle(args, gan, clf)
+    forget = [] if args.bold is not None else args.forget
+    _, real_without = _real_without(args, gan, forget)
+    metrics = run(gan, oracle, args.out, cfg, classifier=clf, forget=forget, real_without=real_without, device=device,
+                  progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]), "gan": args.gan,
+                                                         "classifier": args.classifier})
+    print(summary(metrics))
+    print(f"wrote {args.out}/ (unlearned/, adapted/, metrics.json, before.png, after.png)")
+
+
+def cmd_adapt(args) -> None:
+    from .adapt import adapt
+    from .checkpoint import save_gan, write_json_atomic
+    from .data import load_folder
+    from .feedback import collect
+
+    device = pick_device(args.device)
+    cfg = _run_config(args).adapt
+    gan, clf = _load_pair(args, device)
+    if args.negatives:
+        negatives = load_folder(args.negatives, gan.image_shape, convert=args.convert).images
+    else:
+        fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101, min_negatives=min(cfg.n_negatives, 8))
+        negatives = fb.negatives
+    cfg.seed = args.seed
+    res = adapt(gan, negatives, cfg, device=device, progress=not args.quiet)
+    for k, model in enumerate(res.models):
+        save_gan(model, args.out if k == 0 else f"{args.out}-{k}")
+    write_json_atomic(f"{args.out}.log.json", res.logs)
+    print(f"wrote {len(res.models)} adapted GAN(s): {args.out}" + (f" (+ {args.out}-1 ...)" if len(res.models) > 1 else ""))
+
+
+def cmd_unlearn(args) -> None:
+    from .checkpoint import load_gan, save_gan
+    from .feedback import collect
+    from .unlearn import unlearn
+
+    device = pick_device(args.device)
+    ucfg = _run_config(args).unlearn
+    ucfg.method, ucfg.seed = args.method, args.seed
+    gan, clf = _load_pair(args, device)
+    adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
+    fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101)
+    res = unlearn(gan, fb.positives, adapted, ucfg, device=device, progress=not args.quiet)
+    save_gan(res.gan, args.out, step=ucfg.iters, extra={"log": res.log})
+    print(f"wrote {args.out} ({ucfg.method}, {ucfg.iters} iterations; last losses {res.log[-1] if res.log else {}})")
+
+
+def cmd_evaluate(args) -> None:
+    import json
+
+    from .checkpoint import load_gan
+    from .metrics import evaluate, make_context
+
+    device = pick_device(args.device)
+    gan, clf = _load_pair(args, device)
+    oracle = _oracle(args, gan, clf)
+    forget = [] if args.bold is not None else args.forget
+    _, real_without = _real_without(args, gan, forget)
+    ref = load_gan(args.original, device=device) if args.original else gan
+    ctx = make_context(ref, oracle, args.n_eval, 1234, clf, forget, real_without)
+    out = {"feature_network": ctx.feature_network, "metrics": evaluate(gan, ctx, args.metrics)}
+    print(json.dumps(out, indent=2, sort_keys=True))
+
+
+def cmd_table(args) -> None:
+    from .pipeline import TABLE_METHODS, table
+
+    device = pick_device(args.device)
+    cfg = _run_config(args)
+    gan, clf = _load_pair(args, device)
+    real, _ = _real_without(args, gan, [])
+    methods = args.methods or [m for m in TABLE_METHODS if real is not None or m != "retrain"]
+    res = table(gan, clf, args.forget, list(range(args.seeds)), args.out, cfg, methods, real, device,
+                progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:])})
+    print((__import__("pathlib").Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/table.md, table.csv, table.json ({len(res['records'])} records)")
+
+
+def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
+    from .pipeline import METHODS
+    from .unlearn import DISTANCES
+
+    p.add_argument("gan", help="GAN directory or shipped name (digits)")
+    p.add_argument("--classifier", help="classifier directory or shipped name (digits, mnist) that plays the user")
+    p.add_argument("--forget", type=int, nargs="+", default=[], help="class(es) to forget")
+    p.add_argument("--threshold", type=float, default=0.5, help="classifier probability that makes a sample negative")
+    p.add_argument("--bold", type=float, default=None, metavar="PERCENTILE",
+                   help="feature-level: forget 'bold strokes' (ink mass above this percentile of the GAN's samples)")
+    p.add_argument("--method", default="el2", choices=METHODS, help="unlearning method (default: el2)")
+    p.add_argument("--gamma", type=float, default=None, help="repulsion weight (> 0), or extrapolation factor (> 1)")
+    p.add_argument("--alpha", type=float, default=None, help="EL2 sharpness")
+    p.add_argument("--distance", default=None, choices=DISTANCES, help="parameter distance of the repulsion")
+    p.add_argument("--iters", type=int, default=None, help="stage-2 iterations")
+    p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
+    p.add_argument("--k", type=int, default=None, help="number of adapted models")
+    p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
+    p.add_argument("--n-samples", type=int, default=5000, help="samples drawn for feedback (default: 5000)")
+    p.add_argument("--n-eval", type=int, default=5000, help="evaluation latents (default: 5000)")
+    p.add_argument("--real", default="auto", choices=["auto", "digits", "mnist", "none"],
+                   help="real data for FID and retraining (default: auto, by the GAN's image shape)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: $AGU_MNIST_DIR or ../shared/data/mnist)")
+    if needs_out:
+        p.add_argument("--out", required=True, help="output directory")
+    _common(p)
+
+
+def add_method_commands(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: feedback, adapt, unlearn, evaluate, write a run directory")
+    _method_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("adapt", help="stage 1 only: adapt copies of the GAN to negatives")
+    _method_args(p)
+    p.add_argument("--negatives", help="a folder of negative images instead of the classifier")
+    p.add_argument("--convert", action="store_true", help="convert folder images to the GAN's channels and size")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("unlearn", help="stage 2 only: train on positives with repulsion from adapted GANs")
+    _method_args(p)
+    p.add_argument("--adapted", nargs="+", help="adapted GAN directories (from agu adapt)")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("evaluate", help="metrics of a GAN against the original on fixed latents")
+    _method_args(p, needs_out=False)
+    p.add_argument("--original", help="the original GAN (default: the GAN itself)")
+    p.add_argument("--metrics", nargs="+", default=None, help="metric names (default: all)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("table", help="the paper's Table 1 for a GAN: methods x classes, mean ± std over seeds")
+    _method_args(p)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--methods", nargs="+", default=None, help="rows (default: all, retrain when real data is at hand)")
+    p.set_defaults(func=cmd_table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 
+    add_method_commands(sub)
     return parser
 
 

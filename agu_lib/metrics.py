@@ -128,7 +128,8 @@ def make_context(
         if real_images is not None:
             ctx.real_features = classifier.features(real_images).cpu()
         if retrained is not None:
-            ctx.retrained_features = classifier.features(generate_batched(retrained, z)).cpu()
+            z_ref = retrained.sample_latents(n_eval, seed=seed + 1, device="cpu")  # other latents: Ret-FID(retrained) > 0
+            ctx.retrained_features = classifier.features(generate_batched(retrained, z_ref)).cpu()
     return ctx
 
 

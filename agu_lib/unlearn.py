@@ -15,6 +15,18 @@ theta_N (``losses.REPULSIONS``). Distances (``distance``):
 
 With ``normalize_distance`` (default) d_k is divided by its value at the start, d_k(theta_G), so
 alpha and gamma mean the same for every model: d = 1 at the start for every k.
+
+How the repulsion enters the update (``repulsion_mode``):
+
+- ``decoupled`` (default): the adversarial loss goes through Adam; the repulsion is a separate
+  plain gradient step, theta <- theta - eta * gamma * dL_rep/dtheta * d0_k / 2, which with the
+  normalised distance is theta <- theta + eta * gamma * sum_k c_k * w * (theta - theta_N,k) where
+  c_k = -dL_rep/dd_k (EL2: alpha exp(-alpha d_k); NL2: 1; IL2: 1/d_k^2). It keeps the *direction*
+  theta - theta_N, which is the extrapolation direction of the paper's motivating observation.
+  (As with AdamW's decoupled weight decay: inside Adam, each coordinate of a penalty gradient is
+  divided by its own running RMS, so the repulsion degenerates into a push of equal size on
+  every weight, sign(theta - theta_N), and in our trials did no better than fine-tuning.)
+- ``loss``: the paper's form, gamma * L_rep added to G's loss and optimised by Adam with it.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from .training import LossLog, adam, augment, autocast, check_positive, sample_b
 REPULSION_METHODS = tuple(REPULSIONS)  # el2, nl2, il2
 FINETUNE_METHODS = ("finetune", "ewc")  # baselines: no regulariser / EWC towards theta_G
 DISTANCES = ("fisher", "l2", "per_tensor")
+REPULSION_MODES = ("decoupled", "loss")
 
 
 @dataclass
@@ -51,6 +64,8 @@ class UnlearnConfig:
     gamma: float = 1.0  # repulsion weight (> 0)
     alpha: float = 1.0  # EL2 sharpness: exp(-alpha d); with normalised d, 1 = "decays over the starting distance"
     distance: str = "fisher"  # fisher | l2 | per_tensor (see module docstring)
+    repulsion_mode: str = "decoupled"  # decoupled (own plain-gradient step) | loss (inside Adam, as in the paper)
+    repulsion_lr: float = 0.005  # eta of the decoupled step: share of (theta - theta_N) added per step at gamma 1
     normalize_distance: bool = True  # d_k / d_k(theta_G): gamma and alpha transfer across models
     ewc_lambda: float = 10.0  # for method "ewc": weight of sum_i F_i (theta_i - theta_G,i)^2 (normalised F)
     iters: int = 400  # training steps
@@ -68,6 +83,8 @@ class UnlearnConfig:
         valid = REPULSION_METHODS + FINETUNE_METHODS
         if self.method not in valid:
             raise ConfigError(f"unknown unlearning method {self.method!r}; valid: {', '.join(valid)}")
+        if self.repulsion_mode not in REPULSION_MODES:
+            raise ConfigError(f"unknown repulsion_mode {self.repulsion_mode!r}; valid: {', '.join(REPULSION_MODES)}")
         if self.distance not in DISTANCES:
             raise ConfigError(f"unknown distance {self.distance!r}; valid: {', '.join(DISTANCES)}")
         if self.method in REPULSION_METHODS:
@@ -80,6 +97,7 @@ class UnlearnConfig:
             if n_adapted < 1:
                 raise ConfigError(f"method {self.method} needs at least one adapted GAN (run stage 1 first)")
             check_positive("alpha", self.alpha)
+            check_positive("repulsion_lr", self.repulsion_lr)
         for name in ("iters", "batch_size", "fisher_samples", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"unlearn: {name} must be at least 1, got {getattr(self, name)}")
@@ -105,6 +123,28 @@ def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> tor
         return per_tensor_weights(params)
     fisher = fisher_diagonal(gan.generator, gan.discriminator, gan.sample_latents(fisher_samples, seed=seed + 7919))
     return fisher / fisher.mean().clamp_min(1e-30)
+
+
+def repulsion_step(model: GAN, anchors, weights, scale, repulsion, reg_kwargs, rate: float):
+    """The decoupled repulsion step, in place on G's parameters:
+
+        theta <- theta + rate * sum_k c_k * w * (theta - theta_N,k),   c_k = -dL_rep/dd_k (normalised d_k)
+
+    Returns (L_rep, mean normalised distance) before the step, as tensors (no host sync)."""
+    params = generator_params(model)
+    with torch.no_grad():
+        diff = flatten_params(params).unsqueeze(0) - anchors  # (K, P)
+        d = (diff.pow(2) * weights if weights is not None else diff.pow(2)).sum(1) * scale  # (K,)
+    with torch.enable_grad():
+        d_leaf = d.clone().requires_grad_(True)
+        value = repulsion(d_leaf, **reg_kwargs)
+        (dl_dd,) = torch.autograd.grad(value, d_leaf)
+    with torch.no_grad():
+        step = (-dl_dd).unsqueeze(1).mul(diff).sum(0)  # (P,)
+        if weights is not None:
+            step = step * weights
+        torch._foreach_add_(params, [s.view_as(p) for s, p in zip(step.mul_(rate).split([p.numel() for p in params]), params)])
+    return value.detach(), d.mean()
 
 
 def unlearn(
@@ -171,10 +211,12 @@ def unlearn(
             fake = model.generate(z)
             g_adv = g_nonsaturating_loss(model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen)))
         theta = flatten_params(generator_params(model))
-        if repulsive:
+        if repulsive and cfg.repulsion_mode == "loss":
             d = param_distance(theta, anchors, weights) * scale  # (K,)
             reg = cfg.gamma * repulsion(d, **reg_kwargs)
             dist = d.mean().detach()
+        elif repulsive:  # decoupled: the step is taken after Adam's, below
+            reg = dist = torch.zeros((), device=device)
         elif cfg.method == "ewc":
             reg = cfg.ewc_lambda * ewc_penalty(theta, theta_g, fisher)
             dist = reg.detach()
@@ -183,6 +225,9 @@ def unlearn(
         opt_g.zero_grad(set_to_none=True)
         (g_adv.float() + reg).backward()
         opt_g.step()
+        if repulsive and cfg.repulsion_mode == "decoupled":
+            reg, dist = repulsion_step(model, anchors, weights, scale, repulsion, reg_kwargs, cfg.gamma * cfg.repulsion_lr)
+            reg = cfg.gamma * reg
 
         row = log.add(step, d_loss, g_adv, reg, dist)
         if row and progress:

@@ -1,0 +1,324 @@
+"""The whole job, as the CLI's ``agu run`` and the notebooks call it: feedback, stage 1, stage 2
+(or a baseline), evaluation, and a run directory that holds everything needed to check it.
+
+    RUN/
+      config.json        every setting (and the command line, when run from the CLI)
+      feedback.json      how many samples were drawn, the share of negatives
+      adapted/           the first adapted GAN (a GAN directory; adapted-<k>/ for the others)
+      unlearned/         the result (a GAN directory that load_gan opens)
+      metrics.json       original / adapted / unlearned metrics, feature network, times
+      log.json           the losses of each stage
+      before.png, after.png   the same latents through the original and the unlearned GAN
+      latents.safetensors     the evaluation latents behind PUL and the grids
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapt import AdaptConfig, adapt
+from .checkpoint import atomic_dir, save_gan, write_json_atomic
+from .directions import extrapolate, mean_gan
+from .errors import ConfigError, DataError
+from .feedback import collect
+from .metrics import evaluate, make_context
+from .models import GAN
+from .plotting import save_grid
+from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
+
+METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
+NEEDS_ADAPTED = REPULSION_METHODS + ("extrapolate",)
+
+
+@dataclass
+class RunConfig:
+    """Settings of one ``agu run``; the stage configs hold the stages' own settings."""
+
+    method: str = "el2"  # one of METHODS
+    n_samples: int = 5000  # samples drawn once for feedback (paper's code: 5000)
+    n_eval: int = 5000  # fixed latents for PUL and the other metrics (paper: ~5000)
+    eval_seed: int = 1234  # seed of the evaluation latents (differs from the feedback draw)
+    extrapolate_gamma: float = 1.5  # gamma of theta_N + gamma (theta_G - theta_N) for method "extrapolate"
+    retrain_iters: int = 3000  # iterations of the from-scratch GAN for method "retrain"
+    seed: int = 0
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        for name in ("n_samples", "n_eval", "retrain_iters"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.method == "extrapolate" and not self.extrapolate_gamma > 1:
+            raise ConfigError(f"extrapolate_gamma must be > 1 to move away from the adapted GAN, got {self.extrapolate_gamma}")
+        self.unlearn.method = self.method if self.method in REPULSION_METHODS + FINETUNE_METHODS else self.unlearn.method
+        self.adapt.validate()
+        self.unlearn.validate(self.adapt.n_models if self.method in NEEDS_ADAPTED else 0)
+
+
+def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, device, progress: bool) -> GAN:
+    """The gold standard: a GAN of ``like``'s architecture trained from scratch on ``real``
+    (real data without the forgotten class), with the pretraining loop."""
+    from .data import ImageSet
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(arch=like.arch, latent_dim=like.latent_dim, iterations=iters, seed=seed)
+    gan, _ = pretrain(ImageSet(real, None, "real-without-class"), cfg, classifier=None, device=device, progress=progress, like=like)
+    return gan
+
+
+def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress) -> tuple[GAN, list]:
+    """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining)."""
+    if method in REPULSION_METHODS + FINETUNE_METHODS:
+        ucfg = UnlearnConfig(**{**asdict(cfg.unlearn), "method": method, "seed": cfg.seed})
+        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress)
+        return res.gan, res.log
+    if method == "extrapolate":
+        return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), []
+    if real_without is None:
+        raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
+    return retrain_from_scratch(gan, real_without, cfg.retrain_iters, cfg.seed, device, progress), []
+
+
+def run(
+    gan: GAN,
+    oracle,
+    out,
+    config: RunConfig | None = None,
+    classifier=None,
+    forget=(),
+    real_without: torch.Tensor | None = None,
+    device="cpu",
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> dict:
+    """Make ``gan`` forget what ``oracle`` calls negative; write the run directory ``out``.
+
+    Arguments:
+        gan: the pre-trained GAN (not changed).
+        oracle: images ``(N, C, H, W)`` -> bool ``(N,)``, True = negative (``agu_lib.feedback``).
+        classifier: an agu ``Classifier`` for FID features and class shares (optional).
+        forget: the classes the oracle forgets (for the retained-class metrics).
+        real_without: real images without the feature ``(n, C, H, W)``: FID to real data, and the
+            training set of method ``retrain``.
+    Returns the metrics dict that is also written to ``out/metrics.json``.
+    """
+    cfg = config or RunConfig()
+    cfg.validate()
+    if cfg.method == "retrain" and real_without is None:
+        raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
+    out = Path(out)
+    device = torch.device(device)
+    gan = gan.to(device).eval()
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    # 1. feedback: draw once, split into negatives / positives
+    t = time.perf_counter()
+    fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=min(cfg.adapt.n_negatives, 8))
+    times["feedback"] = time.perf_counter() - t
+
+    # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
+    adapted: list[GAN] = []
+    logs: dict = {}
+    if cfg.method in NEEDS_ADAPTED:
+        t = time.perf_counter()
+        cfg.adapt.seed = cfg.seed
+        res = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress)
+        adapted, logs["adapt"] = res.models, res.logs
+        times["adapt"] = time.perf_counter() - t
+
+    # 3. stage 2 (or the baseline)
+    t = time.perf_counter()
+    result, log = apply_method(cfg.method, gan, fb.positives, adapted, cfg, real_without, device, progress)
+    if log:
+        logs["unlearn"] = log
+    times["unlearn"] = time.perf_counter() - t
+
+    # 4. evaluate on fixed latents: original, adapted, result
+    t = time.perf_counter()
+    ctx = make_context(gan, oracle, cfg.n_eval, cfg.eval_seed, classifier, forget, real_without, adapted=adapted)
+    metrics = {
+        "method": cfg.method,
+        "feature_network": ctx.feature_network,
+        "oracle": getattr(oracle, "description", "custom"),
+        "original": evaluate(gan, ctx),
+        "unlearned": evaluate(result, ctx),
+    }
+    if adapted:
+        metrics["adapted"] = evaluate(adapted[0], ctx, ["negative_share", "fid"])
+    times["evaluate"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    metrics["seconds"] = {k: round(v, 2) for k, v in times.items()}
+
+    # 5. save: every piece written atomically, metrics.json last (its presence = a complete run)
+    config_record = {**asdict(cfg), "forget": list(forget), **(extra_config or {})}
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "config.json", config_record)
+        write_json_atomic(tmp / "feedback.json", {
+            "n_samples": cfg.n_samples, "negatives": len(fb.negatives), "positives": len(fb.positives),
+            "negative_share": fb.negative_share})
+        for k, a in enumerate(adapted):
+            save_gan(a, tmp / ("adapted" if k == 0 else f"adapted-{k}"))
+        save_gan(result, tmp / "unlearned", extra={"run": config_record})
+        save_file({"z": ctx.z.contiguous()}, str(tmp / "latents.safetensors"))
+        z64 = ctx.z[:64]
+        save_grid(gan.generate(z64.to(device)).detach(), tmp / "before.png", nrow=8)
+        save_grid(result.generate(z64.to(device)).detach(), tmp / "after.png", nrow=8)
+        write_json_atomic(tmp / "log.json", logs)
+        write_json_atomic(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def summary(metrics: dict) -> str:
+    """A few lines for the terminal: PUL, FIDs, TV, times."""
+    u, o = metrics["unlearned"], metrics["original"]
+    keys = [("pul", "PUL %"), ("negative_share", "negative share"), ("fid_real", "FID real"),
+            ("fid_positives", "FID positives"), ("ret_fid", "Ret-FID"), ("retained_tv", "retained TV"),
+            ("precision", "precision"), ("recall", "recall")]
+    lines = [f"method {metrics['method']}  (FID features: {metrics['feature_network']})"]
+    for k, label in keys:
+        if k in u:
+            lines.append(f"  {label:<16} original {o.get(k, float('nan')):9.4f}   unlearned {u[k]:9.4f}")
+    lines.append("  seconds          " + json.dumps(metrics["seconds"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# The paper's Table 1 for one GAN
+
+TABLE_METHODS = ("retrain", "finetune", "ewc", "extrapolate", "nl2", "il2", "el2")
+TABLE_NAMES = {
+    "retrain": "Retraining from scratch", "finetune": "Fine-tune on positives", "ewc": "EWC fine-tune on positives",
+    "extrapolate": "Extrapolation", "nl2": "NL2", "il2": "IL2", "el2": "EL2",
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def table(
+    gan: GAN,
+    classifier,
+    forget_classes,
+    seeds,
+    out,
+    config: RunConfig | None = None,
+    methods=TABLE_METHODS,
+    real=None,
+    device="cpu",
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> dict:
+    """Rows = methods, columns = forgotten classes, cells = PUL / FID / Ret-FID (mean ± std over
+    seeds). Per (class, seed) the feedback draw and the adapted GANs are shared by all methods;
+    the retrained GAN (the Ret-FID reference) is trained once per class and seed.
+
+    ``real``: a labelled ``ImageSet`` of real data (for FID, retraining and Ret-FID), or None.
+    Writes ``table.md``, ``table.csv`` and ``table.json`` into ``out``.
+    """
+    from .feedback import ClassifierOracle
+
+    base = config or RunConfig()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    if "retrain" in methods and real is None:
+        raise DataError("the retrain row needs real data; pass --no-retrain (methods without retrain) or give the data set")
+    device = torch.device(device)
+    gan = gan.to(device).eval()
+    records = []  # one per (class, seed, method)
+    for cls in forget_classes:
+        oracle = ClassifierOracle(classifier, [cls])
+        real_without = real.without([cls]).images if real is not None else None
+        for seed in seeds:
+            cfg = RunConfig(**{**asdict(base), "adapt": AdaptConfig(**{**asdict(base.adapt), "seed": seed}),
+                               "unlearn": UnlearnConfig(**asdict(base.unlearn)), "seed": seed})
+            t = time.perf_counter()
+            fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=min(cfg.adapt.n_negatives, 8))
+            adapted = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress).models \
+                if any(m in NEEDS_ADAPTED for m in methods) else []
+            t_adapt = time.perf_counter() - t
+            retrained = None
+            if "retrain" in methods:
+                t = time.perf_counter()
+                retrained = retrain_from_scratch(gan, real_without, cfg.retrain_iters, seed, device, progress)
+                t_retrain = time.perf_counter() - t
+            ctx = make_context(gan, oracle, cfg.n_eval, cfg.eval_seed + seed, classifier, [cls], real_without,
+                               retrained=retrained, adapted=adapted)
+            original = evaluate(gan, ctx)
+            for method in methods:
+                t = time.perf_counter()
+                if method == "retrain":
+                    result, seconds = retrained, t_retrain
+                else:
+                    result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress)
+                    seconds = time.perf_counter() - t + (t_adapt if method in NEEDS_ADAPTED else 0.0)
+                m = evaluate(result, ctx)
+                m["fid_positives_ratio"] = m["fid_positives"] / original["fid_positives"]
+                records.append({"class": cls, "seed": seed, "method": method, "seconds": seconds, **m})
+                if progress:
+                    print(f"class {cls} seed {seed} {method:<11} PUL {m['pul']:6.1f}  FID {m.get('fid_real', float('nan')):7.2f}"
+                          f"  TV {m.get('retained_tv', float('nan')):.3f}  {seconds:5.1f}s", flush=True)
+            records.append({"class": cls, "seed": seed, "method": "original", "seconds": 0.0, **original,
+                            "fid_positives_ratio": 1.0})
+    result = {"feature_network": ctx.feature_network, "classes": list(forget_classes), "seeds": list(seeds),
+              "methods": list(methods), "config": {**asdict(base), **(extra_config or {})}, "records": records}
+    write_table(result, out)
+    return result
+
+
+def aggregate(result: dict) -> dict:
+    """{method: {class: {metric: (mean, std)}}} over seeds."""
+    agg: dict = {}
+    for method in ["original", *result["methods"]]:
+        for cls in result["classes"]:
+            rs = [r for r in result["records"] if r["method"] == method and r["class"] == cls]
+            keys = [k for k in rs[0] if isinstance(rs[0][k], float)] if rs else []
+            agg.setdefault(method, {})[cls] = {k: _mean_std([r[k] for r in rs]) for k in keys}
+    return agg
+
+
+def write_table(result: dict, out) -> Path:
+    """table.md (two Markdown tables), table.csv (one row per class/seed/method), table.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(result)
+
+    def cell(stats, key, fmt):
+        if key not in stats:
+            return "–"
+        m, s = stats[key]
+        return f"{m:{fmt}} ± {s:{fmt}}"
+
+    classes = result["classes"]
+    head = "| method | " + " | ".join(f"class {c}" for c in classes) + " |\n|---|" + "---|" * len(classes) + "\n"
+    md = [f"PUL % / FID / Ret-FID, mean ± std over seeds {result['seeds']}. "
+          f"FID features: {result['feature_network']}; FID is against real data without the class.\n", head]
+    md2 = ["\nQuality and collateral: FID to the original GAN's positives relative to the original GAN's "
+           "(target <= 0.25) / retained-class total variation (target <= 0.05) / seconds.\n", head]
+    for method in ["original", *result["methods"]]:
+        name = TABLE_NAMES.get(method, "Original GAN")
+        md.append(f"| {name} | " + " | ".join(
+            " / ".join(cell(agg[method][c], k, f) for k, f in (("pul", ".1f"), ("fid_real", ".1f"), ("ret_fid", ".1f")))
+            for c in classes) + " |\n")
+        md2.append(f"| {name} | " + " | ".join(
+            " / ".join(cell(agg[method][c], k, f) for k, f in (("fid_positives_ratio", ".2f"), ("retained_tv", ".3f"), ("seconds", ".0f")))
+            for c in classes) + " |\n")
+    (out / "table.md").write_text("".join(md + md2))
+    keys = sorted({k for r in result["records"] for k in r if k not in ("class", "seed", "method")})
+    lines = [",".join(["class", "seed", "method", *keys])]
+    for r in result["records"]:
+        lines.append(",".join([str(r["class"]), str(r["seed"]), r["method"], *(f"{r[k]:.6g}" if k in r else "" for k in keys)]))
+    (out / "table.csv").write_text("\n".join(lines) + "\n")
+    write_json_atomic(out / "table.json", result)
+    return out

@@ -1,0 +1,109 @@
+"""Stage 1, stage 2, the baselines and the pipeline on tiny configurations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agu_lib.adapt import AdaptConfig, adapt
+from agu_lib.directions import extrapolate, mean_gan
+from agu_lib.errors import ConfigError, DataError
+from agu_lib.feedback import PredicateOracle, collect
+from agu_lib.losses import flatten_params
+from agu_lib.models import generator_params
+from agu_lib.unlearn import UnlearnConfig, unlearn
+
+TINY_ADAPT = AdaptConfig(iters=6, batch_size=4, n_negatives=8, fisher_samples=4, log_every=3)
+TINY_UNLEARN = UnlearnConfig(iters=6, batch_size=8, fisher_samples=4, log_every=3)
+
+
+def bright(x):
+    """Negative = brighter than average (a predicate that splits a random GAN's samples)."""
+    m = x.flatten(1).mean(1)
+    return m > m.median()
+
+
+@pytest.fixture
+def feedback(tiny_gan):
+    return collect(tiny_gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
+
+
+def theta(gan):
+    return flatten_params(generator_params(gan)).detach()
+
+
+def test_adapt_moves_copies_and_keeps_original(tiny_gan, feedback):
+    before = theta(tiny_gan).clone()
+    res = adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "n_models": 2}), progress=False)
+    assert len(res.models) == 2 and len(res.logs) == 2 and res.logs[0][-1]["step"] == 6
+    assert torch.equal(theta(tiny_gan), before)
+    for m in res.models:
+        assert not torch.equal(theta(m), before)
+    assert not torch.equal(theta(res.models[0]), theta(res.models[1]))  # different negative draws
+    assert res.fisher.mean().item() == pytest.approx(1.0, rel=1e-4)  # normalised Fisher
+
+
+def test_adapt_is_deterministic(tiny_gan, feedback):
+    a = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models[0]
+    b = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models[0]
+    assert torch.equal(theta(a), theta(b))
+
+
+def test_adapt_rejects_bad_input(tiny_gan, feedback):
+    with pytest.raises(DataError, match="negatives must be"):
+        adapt(tiny_gan, torch.zeros(8, 1, 8, 8), TINY_ADAPT, progress=False)
+    with pytest.raises(ConfigError, match="iters"):
+        adapt(tiny_gan, feedback.negatives, AdaptConfig(iters=0), progress=False)
+    with pytest.raises(ConfigError, match="ewc_lambda"):
+        adapt(tiny_gan, feedback.negatives, AdaptConfig(ewc_lambda=-1), progress=False)
+
+
+@pytest.mark.parametrize("gamma", [0.0, -0.1])
+def test_unlearn_rejects_non_positive_gamma(tiny_gan, feedback, gamma):
+    adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
+    with pytest.raises(ConfigError, match="gamma must be > 0.*attraction"):
+        unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(gamma=gamma), progress=False)
+
+
+def test_unlearn_unknown_method_lists_valid(tiny_gan, feedback):
+    with pytest.raises(ConfigError, match="valid: il2, nl2, el2, finetune, ewc"):
+        unlearn(tiny_gan, feedback.positives, [], UnlearnConfig(method="magic"), progress=False)
+    with pytest.raises(ConfigError, match="needs at least one adapted"):
+        unlearn(tiny_gan, feedback.positives, [], UnlearnConfig(method="el2"), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("method", "distance"),
+    [(m, d) for m in ("el2", "nl2", "il2") for d in ("fisher", "l2", "per_tensor")] + [("finetune", "fisher"), ("ewc", "fisher")],
+)
+def test_unlearn_methods_run(tiny_gan, feedback, method, distance):
+    adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
+    cfg = UnlearnConfig(**{**TINY_UNLEARN.__dict__, "method": method, "distance": distance})
+    res = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False)
+    assert res.log[-1]["step"] == 6 and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in res.log)
+    assert not torch.equal(theta(res.gan), theta(tiny_gan))
+
+
+def test_repulsion_moves_away_from_adapted_more_than_finetune(tiny_gan, feedback):
+    """Same seed, same batches: the only difference is the repulsion term, which must increase
+    the distance to theta_N compared with plain fine-tuning."""
+    adapted = adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "iters": 20}), progress=False).models
+    base = {**TINY_UNLEARN.__dict__, "iters": 20, "distance": "l2"}
+    ft = unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(**{**base, "method": "finetune"}), progress=False).gan
+    rep = unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(**{**base, "method": "nl2", "gamma": 1.0}), progress=False).gan
+    tn = theta(adapted[0])
+    assert (theta(rep) - tn).pow(2).sum() > (theta(ft) - tn).pow(2).sum()
+
+
+def test_extrapolation_endpoints(tiny_gan, feedback):
+    adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models[0]
+    one = extrapolate(tiny_gan, adapted, 1.0)
+    zero = extrapolate(tiny_gan, adapted, 0.0)
+    for k, v in tiny_gan.state_dict().items():
+        assert torch.equal(one.state_dict()[k], v)  # gamma = 1 is theta_G exactly
+        assert torch.allclose(zero.state_dict()[k], adapted.state_dict()[k])
+    two = extrapolate(tiny_gan, adapted, 2.0)
+    assert torch.allclose(theta(two), 2 * theta(tiny_gan) - theta(adapted), atol=1e-6)
+    assert torch.equal(theta(mean_gan([adapted, adapted])), theta(adapted))
