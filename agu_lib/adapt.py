@@ -6,15 +6,18 @@ with an EWC penalty that keeps the generator near theta_G where the Fisher says 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .losses import d_logistic_loss, ewc_penalty, fisher_diagonal, flatten_params, g_nonsaturating_loss
 from .models import GAN, generator_params
-from .training import LossLog, adam, augment, autocast, check_positive, sample_batch
+from .training import MAX_SEED, LossLog, adam, augment, autocast, check_int, check_positive, sample_batch
+
+MIN_NEGATIVES = 8  # fewest negatives agu run / agu adapt accept (n_negatives when that is smaller)
 
 
 @dataclass
@@ -38,13 +41,13 @@ class AdaptConfig:
 
     def validate(self) -> None:
         for name in ("iters", "batch_size", "n_negatives", "n_models", "fisher_samples", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"adapt: {name} must be at least 1, got {getattr(self, name)}")
+            check_int(f"adapt: {name}", getattr(self, name))
         for name in ("g_lr", "d_lr"):
             check_positive(f"adapt: {name}", getattr(self, name))
         for name in ("ewc_lambda", "instance_noise"):
             check_positive(f"adapt: {name}", getattr(self, name), allow_zero=True)
-        check_positive("adapt: augment_shift", self.augment_shift, allow_zero=True)
+        check_int("adapt: augment_shift", self.augment_shift, minimum=0)
+        check_int("adapt: seed", self.seed, minimum=0, maximum=MAX_SEED)
 
 
 @dataclass
@@ -73,7 +76,11 @@ def adapt(
     if negatives.ndim != 4 or tuple(negatives.shape[1:]) != gan.image_shape:
         raise DataError(f"negatives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(negatives.shape)}")
     if len(negatives) < 2:
-        raise DataError(f"adapt needs at least 2 negatives, got {len(negatives)}")
+        raise DataError(f"adapt needs at least 2 negatives, got {len(negatives)}; give more negative images "
+                        f"(agu run asks for {MIN_NEGATIVES}; {cfg.n_negatives} = n_negatives are used when there are that many)")
+    if len(negatives) < cfg.n_negatives:
+        warnings.warn(f"adapt: {len(negatives)} negatives, fewer than n_negatives = {cfg.n_negatives}: each adapted model "
+                      "trains on all of them (more negatives give a better adapted GAN)", stacklevel=2)
 
     # --- setup: fixed things computed once --------------------------------------------
     torch.manual_seed(cfg.seed)

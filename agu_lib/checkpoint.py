@@ -83,9 +83,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: files that mark a directory as agu's own (a checkpoint's card, a run's record), so it may be replaced
+AGU_MARKERS = ("card.json", "metrics.json", "run-state.json")
+
+
+def check_replaceable(path) -> None:
+    """Refuse to write over ``path`` unless it is missing, an empty directory or a directory agu
+    wrote (it holds one of ``AGU_MARKERS``): a typo in ``--out`` must not delete a user's folder."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a directory; agu will not replace it. Choose another output path")
+    if any(path.iterdir()) and not any((path / m).is_file() for m in AGU_MARKERS):
+        raise CheckpointError(
+            f"{path} is a non-empty directory that agu did not write (it holds no {' / '.join(AGU_MARKERS)}); "
+            "agu replaces only its own outputs. Choose another output path, or move that folder away"
+        )
+
+
 class atomic_dir:
     """Context manager: yields a temporary directory next to ``path``; on success it replaces
     ``path`` (old content removed only after the new one is complete); on error it is deleted.
+    A ``path`` that is a file or a non-empty directory agu did not write is refused
+    (``check_replaceable``).
 
         with atomic_dir(out) as tmp:
             save_file(..., tmp / "x.safetensors")
@@ -95,6 +116,7 @@ class atomic_dir:
         self.path = Path(path)
 
     def __enter__(self) -> Path:
+        check_replaceable(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
@@ -259,3 +281,54 @@ def load_gan(path_or_name, device="cpu") -> GAN:
     load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
     gan.card = card
     return gan.to(device)
+
+
+# ----------------------------------------------------------------------------------------
+# Resumable training state (stage 2 of agu run --resume)
+
+
+def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state dict as (its tensors, keyed ``"<param id>.<name>"``; the rest, as JSON)."""
+    sd = opt.state_dict()
+    tensors, state = {}, {}
+    for pid, st in sd["state"].items():
+        state[str(pid)] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"{pid}.{k}": v.detach().cpu().contiguous() for k, v in st.items() if isinstance(v, torch.Tensor)})
+    return tensors, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state = {}
+    for pid, rest in meta["state"].items():
+        prefix = f"{pid}."
+        state[int(pid)] = {**rest, **{k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_state(path, modules: dict, optimizers: dict, tensors: dict[str, torch.Tensor], info: dict) -> Path:
+    """Save a resumable training state as a checkpoint directory (format ``agu-train-state``,
+    atomically): the weights of ``modules``, the states of ``optimizers``, extra ``tensors``
+    (random generator states, pending losses) and ``info`` (JSON: step, log rows, config)."""
+    files = {name: _state(m) for name, m in modules.items()}
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        files[name], opt_meta[name] = _optimizer_split(opt)
+    files["tensors"] = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return save_tensor_dir(path, files, {**info, "format": "agu-train-state", "optimizers": opt_meta})
+
+
+def load_training_state(path, modules: dict, optimizers: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load what ``save_training_state`` wrote into ``modules`` and ``optimizers`` (in place; hashes,
+    keys and shapes checked). Returns (the extra tensors, the card with ``info``)."""
+    path = Path(path)
+    card = read_card(path, "agu-train-state", ("format", "version", "files", "optimizers"))
+    for name, m in modules.items():
+        load_state_checked(m, load_tensor_file(path, card, f"{name}.safetensors"), f"{path}/{name}.safetensors")
+    for name, opt in optimizers.items():
+        tensors = load_tensor_file(path, card, f"{name}.safetensors")
+        try:
+            opt.load_state_dict(_optimizer_join(tensors, card["optimizers"][name]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the {name} optimiser state does not fit ({type(e).__name__}: {e}); "
+                                  "delete the folder and run without --resume") from None
+    return load_tensor_file(path, card, "tensors.safetensors"), card

@@ -218,6 +218,8 @@ def _run_config(args):
         cfg.adapt.n_models = args.k
     if args.lam is not None:
         cfg.adapt.ewc_lambda = args.lam
+    if getattr(args, "checkpoint_every", None) is not None:
+        cfg.unlearn.checkpoint_every = args.checkpoint_every
     cfg.validate()
     return cfg
 
@@ -233,24 +235,32 @@ def cmd_run(args) -> None:
     _, real_without = _real_without(args, gan, forget)
     metrics = run(gan, oracle, args.out, cfg, classifier=clf, forget=forget, real_without=real_without, device=device,
                   progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]), "gan": args.gan,
-                                                         "classifier": args.classifier})
+                                                         "classifier": args.classifier}, resume=args.resume)
     print(summary(metrics))
     print(f"wrote {args.out}/ (unlearned/, adapted/, metrics.json, before.png, after.png)")
 
 
 def cmd_adapt(args) -> None:
-    from .adapt import adapt
-    from .checkpoint import save_gan, write_json_atomic
+    from .adapt import MIN_NEGATIVES, adapt
+    from .checkpoint import check_replaceable, save_gan, write_json_atomic
     from .data import load_folder
+    from .errors import DataError
     from .feedback import collect
 
     device = pick_device(args.device)
     cfg = _run_config(args).adapt
+    check_replaceable(args.out)
     gan, clf = _load_pair(args, device)
+    needed = min(cfg.n_negatives, MIN_NEGATIVES)
     if args.negatives:
         negatives = load_folder(args.negatives, gan.image_shape, convert=args.convert).images
+        if len(negatives) < needed:
+            raise DataError(
+                f"{args.negatives} holds {len(negatives)} readable image(s); stage 1 needs at least {needed} negatives "
+                f"(and uses {cfg.n_negatives} per adapted model when there are that many). Add images to the folder"
+            )
     else:
-        fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101, min_negatives=min(cfg.n_negatives, 8))
+        fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101, min_negatives=needed)
         negatives = fb.negatives
     cfg.seed = args.seed
     res = adapt(gan, negatives, cfg, device=device, progress=not args.quiet)
@@ -280,8 +290,11 @@ def cmd_evaluate(args) -> None:
     import json
 
     from .checkpoint import load_gan
-    from .metrics import evaluate, make_context
+    from .metrics import METRICS, evaluate, make_context
 
+    unknown = [m for m in args.metrics or [] if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
     device = pick_device(args.device)
     gan, clf = _load_pair(args, device)
     oracle = _oracle(args, gan, clf)
@@ -338,6 +351,10 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
 def add_method_commands(sub) -> None:
     p = sub.add_parser("run", help="the whole pipeline: feedback, adapt, unlearn, evaluate, write a run directory")
     _method_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.partial/ (same command; without it, OUT.partial/ is discarded)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="stage-2 steps between resumable checkpoints (default: UnlearnConfig.checkpoint_every)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("adapt", help="stage 1 only: adapt copies of the GAN to negatives")

@@ -316,7 +316,10 @@ def load_folder(path, image_shape, convert: bool = False) -> ImageSet:
         raise ConfigError(f"image_shape must have 1 (grayscale) or 3 (RGB) channels, got {c}")
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist (or is not a folder)")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"image folder {folder} cannot be read ({e.strerror or e}); check its permissions") from None
     candidates = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not candidates:
         raise DataError(

@@ -11,6 +11,7 @@ An oracle is any callable ``images (N, C, H, W) -> bool tensor (N,)`` (True = ne
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,9 +111,12 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     neg = oracle(x)
     share = float(neg.float().mean())
     if int(neg.sum()) < min_negatives:
+        enough = math.ceil(1.5 * min_negatives / share) if share > 0 else 10 * n_samples  # samples for ~1.5x the minimum
         raise FeedbackError(
-            f"the GAN produced {int(neg.sum())} negatives in {n_samples} samples (share {share:.2%}), "
-            f"fewer than the {min_negatives} needed. Draw more samples (--n-samples), lower the oracle "
-            "threshold, or give the negatives as a folder of images (--negatives)"
+            f"the GAN produced {int(neg.sum())} negatives in {n_samples} samples (measured share {share:.2%}), "
+            f"fewer than the {min_negatives} needed. Draw more samples (--n-samples {enough}), lower the oracle's "
+            "threshold (--threshold), or pick negatives yourself and give them as a folder of images "
+            "(agu adapt --negatives DIR, then agu unlearn --adapted). A share this small can also mean the GAN "
+            "hardly ever makes what you want to forget: look at its samples (agu sample) and check the class"
         )
     return Feedback(x[neg], x[~neg], share)

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,14 +25,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapt import AdaptConfig, adapt
-from .checkpoint import atomic_dir, save_gan, write_json_atomic
+from .adapt import MIN_NEGATIVES, AdaptConfig, adapt
+from .checkpoint import atomic_dir, check_replaceable, load_gan, save_gan, write_json_atomic
 from .directions import extrapolate, mean_gan
 from .errors import ConfigError, DataError
 from .feedback import collect
 from .metrics import evaluate, make_context
 from .models import GAN
 from .plotting import save_grid
+from .training import MAX_SEED, check_int
 from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
 
 METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
@@ -53,11 +57,15 @@ class RunConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        for name in ("n_samples", "n_eval", "retrain_iters"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.method == "extrapolate" and not self.extrapolate_gamma > 1:
-            raise ConfigError(f"extrapolate_gamma must be > 1 to move away from the adapted GAN, got {self.extrapolate_gamma}")
+        for name in ("n_samples", "retrain_iters"):
+            check_int(name, getattr(self, name))
+        check_int("n_eval", self.n_eval, minimum=10)
+        for name in ("seed", "eval_seed"):
+            check_int(name, getattr(self, name), minimum=0, maximum=MAX_SEED)
+        if self.method == "extrapolate" and not (isinstance(self.extrapolate_gamma, (int, float)) and 1 < self.extrapolate_gamma < float("inf")):
+            raise ConfigError(f"extrapolate_gamma must be > 1 (and finite) to move away from the adapted GAN, got {self.extrapolate_gamma!r}")
+        if not isinstance(self.adapt, AdaptConfig) or not isinstance(self.unlearn, UnlearnConfig):
+            raise ConfigError("RunConfig.adapt must be an AdaptConfig and RunConfig.unlearn an UnlearnConfig")
         self.unlearn.method = self.method if self.method in REPULSION_METHODS + FINETUNE_METHODS else self.unlearn.method
         self.adapt.validate()
         self.unlearn.validate(self.adapt.n_models if self.method in NEEDS_ADAPTED else 0)
@@ -74,11 +82,13 @@ def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, d
     return gan
 
 
-def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress) -> tuple[GAN, list]:
-    """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining)."""
+def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress,
+                 state_dir=None) -> tuple[GAN, list]:
+    """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining).
+    ``state_dir``: resumable checkpoints of ``unlearn`` (repulsion and fine-tuning methods)."""
     if method in REPULSION_METHODS + FINETUNE_METHODS:
         ucfg = UnlearnConfig(**{**asdict(cfg.unlearn), "method": method, "seed": cfg.seed})
-        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress)
+        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress, state_dir=state_dir)
         return res.gan, res.log
     if method == "extrapolate":
         return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), []
@@ -98,8 +108,15 @@ def run(
     device="cpu",
     progress: bool = True,
     extra_config: dict | None = None,
+    resume: bool = False,
 ) -> dict:
     """Make ``gan`` forget what ``oracle`` calls negative; write the run directory ``out``.
+
+    While it runs, ``out.partial/`` holds what a later call with ``resume=True`` (``agu run
+    --resume``) continues from: the adapted GANs once stage 1 is done, and a stage-2 checkpoint
+    every ``unlearn.checkpoint_every`` steps. ``out`` itself appears only when the run is complete
+    (written atomically; a previous run there stays intact until then); then ``out.partial/`` is
+    removed. Without ``resume``, an existing ``out.partial/`` is discarded.
 
     Arguments:
         gan: the pre-trained GAN (not changed).
@@ -115,14 +132,18 @@ def run(
     if cfg.method == "retrain" and real_without is None:
         raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
     out = Path(out)
+    check_replaceable(out)  # refuse a foreign folder now, not after the training
     device = torch.device(device)
     gan = gan.to(device).eval()
     times: dict[str, float] = {}
     t_all = time.perf_counter()
+    cfg.adapt.seed = cfg.seed
+    state = open_state_dir(out, {"config": asdict(cfg), "forget": [int(c) for c in forget], "gan": gan_digest(gan),
+                                 "oracle": getattr(oracle, "description", "custom")}, resume)
 
     # 1. feedback: draw once, split into negatives / positives
     t = time.perf_counter()
-    fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=min(cfg.adapt.n_negatives, 8))
+    fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=min(cfg.adapt.n_negatives, MIN_NEGATIVES))
     times["feedback"] = time.perf_counter() - t
 
     # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
@@ -130,14 +151,13 @@ def run(
     logs: dict = {}
     if cfg.method in NEEDS_ADAPTED:
         t = time.perf_counter()
-        cfg.adapt.seed = cfg.seed
-        res = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress)
-        adapted, logs["adapt"] = res.models, res.logs
+        adapted, logs["adapt"] = adapt_or_reload(gan, fb.negatives, cfg.adapt, state, device, progress)
         times["adapt"] = time.perf_counter() - t
 
     # 3. stage 2 (or the baseline)
     t = time.perf_counter()
-    result, log = apply_method(cfg.method, gan, fb.positives, adapted, cfg, real_without, device, progress)
+    result, log = apply_method(cfg.method, gan, fb.positives, adapted, cfg, real_without, device, progress,
+                               state_dir=state / "unlearn")
     if log:
         logs["unlearn"] = log
     times["unlearn"] = time.perf_counter() - t
@@ -174,7 +194,64 @@ def run(
         save_grid(result.generate(z64.to(device)).detach(), tmp / "after.png", nrow=8)
         write_json_atomic(tmp / "log.json", logs)
         write_json_atomic(tmp / "metrics.json", metrics)
+    shutil.rmtree(state, ignore_errors=True)  # the run is complete: nothing to resume
     return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Resuming an interrupted run: the state folder RUN.partial/
+
+
+def gan_digest(gan: GAN) -> str:
+    """SHA-256 of the generator's weights: identifies the GAN a partial run was started from."""
+    h = hashlib.sha256()
+    for k, v in gan.generator.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def open_state_dir(out: Path, record: dict, resume: bool) -> Path:
+    """The state folder ``out.partial/`` of a run, made ready: kept when resuming the same run,
+    else (re)started empty. ``record`` identifies the run (settings, classes, GAN, oracle)."""
+    state = out.with_name(out.name + ".partial")
+    marker = state / "run-state.json"
+    record = json.loads(json.dumps(record))  # as it reads back from JSON (tuples -> lists)
+    if state.exists():
+        check_replaceable(state)
+        if resume and marker.is_file():
+            try:
+                saved = json.loads(marker.read_text()).get("run", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                saved = None
+            if saved == record:
+                print(f"agu: resuming from {state}", file=sys.stderr, flush=True)
+                return state
+            if saved is not None:
+                differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+                raise ConfigError(f"{state} belongs to a run with other settings (differ: {', '.join(differ)}); "
+                                  "resume with the same command, or run without --resume to start over")
+        print(f"agu: discarding the partial run in {state} ({'it is unreadable' if resume else 'no --resume given'})",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(state)
+    elif resume:
+        print(f"agu: nothing to resume at {state}; starting from scratch", file=sys.stderr, flush=True)
+    state.mkdir(parents=True)
+    write_json_atomic(marker, {"format": "agu-run-state", "run": record})
+    return state
+
+
+def adapt_or_reload(gan: GAN, negatives, cfg: AdaptConfig, state: Path, device, progress) -> tuple[list[GAN], list]:
+    """Stage 1, or its result saved in ``state`` by an interrupted run (saved there when done)."""
+    done = state / "adapted.json"
+    if done.is_file():
+        n = json.loads(done.read_text())["n_models"]
+        return [load_gan(state / f"adapted-{k}", device=device).eval() for k in range(n)], json.loads(done.read_text())["logs"]
+    res = adapt(gan, negatives, cfg, device=device, progress=progress)
+    for k, model in enumerate(res.models):
+        save_gan(model, state / f"adapted-{k}")
+    write_json_atomic(done, {"n_models": len(res.models), "logs": res.logs})
+    return res.models, res.logs
 
 
 def summary(metrics: dict) -> str:
@@ -244,7 +321,7 @@ def table(
             cfg = RunConfig(**{**asdict(base), "adapt": AdaptConfig(**{**asdict(base.adapt), "seed": seed}),
                                "unlearn": UnlearnConfig(**asdict(base.unlearn)), "seed": seed})
             t = time.perf_counter()
-            fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=min(cfg.adapt.n_negatives, 8))
+            fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=min(cfg.adapt.n_negatives, MIN_NEGATIVES))
             adapted = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress).models \
                 if any(m in NEEDS_ADAPTED for m in methods) else []
             t_adapt = time.perf_counter() - t

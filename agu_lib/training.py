@@ -63,21 +63,50 @@ class LossLog:
         w = torch.stack(self.window)  # (steps, n_values), one sync below
         self.window = []
         vals = w.cpu()
+        self._check_finite(vals, step)
+        row = {"step": step + 1, **{n: float(v) for n, v in zip(self.names, vals.mean(0))}}
+        self.rows.append(row)
+        return row
+
+    def _check_finite(self, vals: torch.Tensor, step: int) -> None:
+        """Raise ``TrainingError`` naming the first step (counted from 1, as in the rows) whose
+        losses in ``vals`` ``(steps, n_values)``, the window ending at ``step``, are not finite."""
         if not torch.isfinite(vals).all():
             bad = (~torch.isfinite(vals)).any(1).nonzero()[0].item()
-            first = step + 1 - len(vals) + bad
+            first = step + 2 - len(vals) + bad
             names = [n for n, ok in zip(self.names, torch.isfinite(vals[bad])) if not ok]
             raise TrainingError(
                 f"{self.stage}: loss {'/'.join(names)} became NaN or Inf at step {first}. Likely cause: a "
                 "learning rate or penalty weight (lambda, gamma) too large for this model, or (il2) the "
                 "parameters reached the adapted ones. Lower them and run again; checkpoints saved so far are intact"
             )
-        row = {"step": step + 1, **{n: float(v) for n, v in zip(self.names, vals.mean(0))}}
-        self.rows.append(row)
-        return row
+
+    def pending(self, step: int) -> torch.Tensor:
+        """The losses not yet flushed, ``(steps, n_values)`` on the CPU, checked finite (for a checkpoint)."""
+        if not self.window:
+            return torch.zeros(0, len(self.names))
+        vals = torch.stack(self.window).cpu()
+        self._check_finite(vals, step)
+        return vals
+
+    def restore(self, rows: list[dict], pending: torch.Tensor, device) -> None:
+        """Continue from a checkpoint: the rows so far and the ``pending`` window."""
+        self.rows = [dict(r) for r in rows]
+        self.window = list(pending.to(device).unbind(0))
+
+
+MAX_SEED = 2**62  # seeds are offset (seed + 7919, ...) and must stay within torch's 64-bit seed range
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or not math.isfinite(value):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'} (and finite), got {value}")
+    """A finite real number > 0 (``>= 0`` with ``allow_zero``), else ``ConfigError``."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or not (value >= 0 if allow_zero else value > 0):
+        raise ConfigError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'} (and finite), got {value!r}")
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """An integer in ``[minimum, maximum]``, else ``ConfigError`` (floats, NaN, strings and bools are refused)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")

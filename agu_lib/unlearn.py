@@ -31,12 +31,15 @@ How the repulsion enters the update (``repulsion_mode``):
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError
+from .checkpoint import load_training_state, save_training_state
+from .errors import ConfigError, DataError, TrainingError
 from .losses import (
     REPULSIONS,
     d_logistic_loss,
@@ -48,7 +51,7 @@ from .losses import (
     per_tensor_weights,
 )
 from .models import GAN, generator_params
-from .training import LossLog, adam, augment, autocast, check_positive, sample_batch
+from .training import MAX_SEED, LossLog, adam, augment, autocast, check_int, check_positive, sample_batch
 
 REPULSION_METHODS = tuple(REPULSIONS)  # el2, nl2, il2
 FINETUNE_METHODS = ("finetune", "ewc")  # baselines: no regulariser / EWC towards theta_G
@@ -76,6 +79,7 @@ class UnlearnConfig:
     augment_shift: int = 0
     fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
     log_every: int = 50
+    checkpoint_every: int = 100  # steps between resumable checkpoints (only when unlearn() gets a state_dir, as in agu run)
     seed: int = 0
     amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
 
@@ -88,7 +92,7 @@ class UnlearnConfig:
         if self.distance not in DISTANCES:
             raise ConfigError(f"unknown distance {self.distance!r}; valid: {', '.join(DISTANCES)}")
         if self.method in REPULSION_METHODS:
-            if not self.gamma > 0:
+            if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma < float("inf")):
                 raise ConfigError(
                     f"gamma must be > 0, got {self.gamma}: the repulsion term is maximal at the adapted parameters, "
                     "so a negative gamma turns repulsion into attraction towards the negative-only GAN (the paper's "
@@ -98,9 +102,10 @@ class UnlearnConfig:
                 raise ConfigError(f"method {self.method} needs at least one adapted GAN (run stage 1 first)")
             check_positive("alpha", self.alpha)
             check_positive("repulsion_lr", self.repulsion_lr)
-        for name in ("iters", "batch_size", "fisher_samples", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"unlearn: {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("iters", "batch_size", "fisher_samples", "log_every", "checkpoint_every"):
+            check_int(f"unlearn: {name}", getattr(self, name))
+        check_int("unlearn: augment_shift", self.augment_shift, minimum=0)
+        check_int("unlearn: seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("g_lr", "d_lr"):
             check_positive(f"unlearn: {name}", getattr(self, name))
         for name in ("ewc_lambda", "instance_noise"):
@@ -147,6 +152,39 @@ def repulsion_step(model: GAN, anchors, weights, scale, repulsion, reg_kwargs, r
     return value.detach(), d.mean()
 
 
+def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog) -> None:
+    """A resumable checkpoint after ``step`` (0-based): weights, Adam states, random generator
+    states, the losses so far. Refuses to checkpoint a diverged model (``TrainingError``)."""
+    pending = log.pending(step)  # checks the unflushed losses are finite
+    params = list(model.generator.parameters()) + list(model.discriminator.parameters())
+    if not bool(torch.isfinite(flatten_params(params)).all()):
+        raise TrainingError(f"unlearn ({cfg.method}): the parameters became NaN or Inf by step {step + 1}. Likely cause: "
+                            "a learning rate or gamma too large for this model. Lower them; checkpoints saved so far are intact")
+    save_training_state(
+        state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d},
+        {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "pending_losses": pending},
+        {"stage": "unlearn", "step": step + 1, "log_rows": log.rows, "config": asdict(cfg)},
+    )
+
+
+def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog, device) -> int:
+    """Load a checkpoint of ``save_state`` if ``state_dir`` holds one; returns the step to continue from (0: none)."""
+    if not (Path(state_dir) / "card.json").is_file():
+        return 0
+    tensors, card = load_training_state(
+        state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d})
+    ignore = ("checkpoint_every",)
+    saved, now = card.get("config") or {}, json.loads(json.dumps(asdict(cfg)))
+    differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(f"the checkpoint in {state_dir} was made with other stage-2 settings (differ: {', '.join(differ)}); "
+                          "resume with the same settings, or run without --resume to start over")
+    gen.set_state(tensors["gen"])
+    torch.set_rng_state(tensors["torch_rng"])
+    log.restore(card["log_rows"], tensors["pending_losses"], device)
+    return int(card["step"])
+
+
 def unlearn(
     gan: GAN,
     positives: torch.Tensor,
@@ -154,10 +192,14 @@ def unlearn(
     config: UnlearnConfig | None = None,
     device=None,
     progress: bool = True,
+    state_dir=None,
 ) -> UnlearnResult:
     """Train a copy of ``gan`` on ``positives`` ``(n, C, H, W)`` with the configured regulariser.
 
     ``adapted`` are the stage-1 GANs (needed by the repulsion methods). ``gan`` is not changed.
+    ``state_dir``: a folder for resumable checkpoints, written every ``checkpoint_every`` steps;
+    if it already holds one (made with the same settings), training continues from it and ends
+    exactly where an uninterrupted run would (on the CPU).
     """
     cfg = config or UnlearnConfig()
     adapted = list(adapted or [])
@@ -187,9 +229,11 @@ def unlearn(
         fisher = distance_weights(model, "fisher", cfg.seed, cfg.fisher_samples)
     pool = positives.to(device)
     log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
-    bar = tqdm(range(cfg.iters), desc=f"unlearn {cfg.method}", disable=not progress, leave=False)
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
     opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
+    start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device) if state_dir is not None else 0
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"unlearn {cfg.method}",
+               disable=not progress, leave=False)
 
     # --- train: the GAN game on the positives plus the regulariser on G -----------------
     for step in bar:
@@ -232,6 +276,8 @@ def unlearn(
         row = log.add(step, d_loss, g_adv, reg, dist)
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
+        if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters:
+            save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log)
     log.flush(cfg.iters - 1)
 
     # --- done -----------------------------------------------------------------------------
