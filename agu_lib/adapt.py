@@ -13,9 +13,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .losses import d_logistic_loss, ewc_penalty, fisher_diagonal, flatten_params, g_nonsaturating_loss
+from .distributed import broadcast_
+from .losses import ewc_penalty_grad, fisher_diagonal, flatten_params
 from .models import GAN, generator_params
-from .training import MAX_SEED, LossLog, adam, augment, autocast, check_int, check_positive, sample_batch
+from .training import (
+    MAX_SEED,
+    FlatParams,
+    LossLog,
+    TrainNets,
+    adam,
+    augment,
+    check_int,
+    check_positive,
+    d_step,
+    g_backward,
+    sample_batch,
+    sample_latent_batch,
+)
 
 MIN_NEGATIVES = 8  # fewest negatives agu run / agu adapt accept (n_negatives when that is smaller)
 
@@ -38,6 +52,7 @@ class AdaptConfig:
     log_every: int = 50  # steps between loss readouts (one host sync each)
     seed: int = 0
     amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
+    compile: bool = False  # torch.compile G and D (worth it for long runs on a GPU; the first steps compile)
 
     def validate(self) -> None:
         for name in ("iters", "batch_size", "n_negatives", "n_models", "fisher_samples", "log_every"):
@@ -56,6 +71,23 @@ class AdaptResult:
     fisher: torch.Tensor  # (P,) the Fisher used by the penalty (normalised if asked)
     logs: list[list[dict]] = field(default_factory=list)  # per model: rows of mean losses
     config: dict = field(default_factory=dict)
+
+
+def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor, fisher, cfg: AdaptConfig, gen, device):
+    """One step of stage 1 on a batch (``real``: negatives, already augmented; ``z``: latents):
+    D's step, then G's. Returns the losses ``(d_loss, g_adv, ewc)``, detached, on the device."""
+    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)  # noqa: E731  (D's view of a fake)
+
+    # D step: max_phi L_adv
+    d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)
+
+    # G step: min_theta L_adv + lambda * EWC(theta). EWC's gradient, 2 F (theta - theta_G), is added
+    # to the adversarial one by hand (fp32, no autograd graph through the (P,) vector)
+    g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
+    ewc, ewc_grad = ewc_penalty_grad(flat.read(), anchor, fisher, *flat.scratch)
+    flat.add_to_grad_(ewc_grad, alpha=cfg.ewc_lambda)
+    opt_g.step()
+    return d_loss, g_adv, ewc
 
 
 def adapt(
@@ -88,7 +120,7 @@ def adapt(
     original = gan.to(device).eval()
     anchor = flatten_params(generator_params(original)).detach()  # theta_G, (P,)
     z_fisher = original.sample_latents(cfg.fisher_samples, seed=cfg.seed + 7919)
-    fisher = fisher_diagonal(original.generator, original.discriminator, z_fisher)
+    fisher = broadcast_(fisher_diagonal(original.generator, original.discriminator, z_fisher))  # (P,), rank 0's
     if cfg.fisher_normalize:
         fisher = fisher / fisher.mean().clamp_min(1e-30)
     pool = negatives.to(device)
@@ -98,6 +130,8 @@ def adapt(
         draw = torch.randperm(len(pool), generator=gen)[: cfg.n_negatives]
         real_set = pool[draw.to(device)]
         model = original.clone().train()
+        nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
+        flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
         opt_g = adam(model.generator.parameters(), cfg.g_lr)
         opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
         log = LossLog(["d_loss", "g_adv", "ewc"], cfg.log_every, f"adapt (model {k + 1}/{cfg.n_models})")
@@ -106,27 +140,8 @@ def adapt(
         # --- train: the GAN game on the negatives, EWC on G -------------------------------
         for step in bar:
             real = augment(sample_batch(real_set, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
-            z = torch.randn(cfg.batch_size, gan.latent_dim, generator=gen).to(device)
-
-            # D step: max_phi L_adv
-            with autocast(device, cfg.amp):
-                fake = model.generate(z).detach()
-                d_loss = d_logistic_loss(
-                    model.discriminate(real), model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen))
-                )
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-
-            # G step: min_theta L_adv + lambda * EWC
-            with autocast(device, cfg.amp):
-                fake = model.generate(z)
-                g_adv = g_nonsaturating_loss(model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen)))
-            ewc = ewc_penalty(flatten_params(generator_params(model)), anchor, fisher)
-            opt_g.zero_grad(set_to_none=True)
-            (g_adv.float() + cfg.ewc_lambda * ewc).backward()
-            opt_g.step()
-
+            z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
+            d_loss, g_adv, ewc = adapt_step(nets, opt_g, opt_d, real, z, flat, anchor, fisher, cfg, gen, device)
             row = log.add(step, d_loss, g_adv, ewc)
             if row and progress:
                 bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")

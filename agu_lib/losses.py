@@ -8,6 +8,8 @@ so each penalty is a handful of fused vector operations, whatever the number of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,10 +79,13 @@ def fisher_diagonal(generator: nn.Module, discriminator: nn.Module, z: torch.Ten
 
     per_sample = vmap(grad(logit), in_dims=(None, 0))
     total = torch.zeros(sum(params[n].numel() for n in names), device=z.device)
+    parts = dict(zip(names, total.split([params[n].numel() for n in names])))  # views of total, one per tensor
     with torch.no_grad():  # the outer graph (through D's parameters) is not needed: F is a constant
         for zc in z.split(chunk):
-            g = per_sample(params, zc)  # {name: (c, *shape)}
-            total += torch.cat([g[n].reshape(len(zc), -1) for n in names], 1).pow(2).sum(0)
+            g = per_sample(params, zc)  # {name: (c, *shape)}; peak memory ~ chunk x P floats
+            for n in names:  # sum over the chunk of the squares, straight into total (no (c, P) concatenation)
+                parts[n] += g[n].reshape(len(zc), -1).pow_(2).sum(0)
+            del g
     return total / len(z)
 
 
@@ -100,6 +105,17 @@ def ewc_penalty(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor)
     return (fisher * (theta - anchor).pow(2)).sum()
 
 
+# EWC(theta) = sum_i F_i (theta_i - theta_G,i)^2 and its gradient dEWC/dtheta = 2 F (theta - theta_G),
+# by hand: the loops add the gradient to G's, so no autograd graph runs through the (P,) vector.
+def ewc_penalty_grad(theta, anchor, fisher, out_diff=None, out_grad=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(EWC(theta), dEWC/dtheta)``: a scalar and a ``(P,)`` vector (written into ``out_grad`` when
+    given; ``out_diff`` is scratch). Four passes over P floats, no allocation with the outs."""
+    diff = torch.sub(theta, anchor, out=out_diff)  # theta - theta_G
+    grad = torch.mul(diff, fisher, out=out_grad)  # F (theta - theta_G)
+    value = torch.dot(grad, diff)
+    return value, grad.mul_(2)
+
+
 # ----------------------------------------------------------------------------------------
 # Stage 2: repulsion from the adapted parameters theta_N^k (k = 1..K)
 
@@ -108,6 +124,59 @@ def ewc_penalty(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor)
 def param_distance(theta: torch.Tensor, anchors: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     sq = (theta.unsqueeze(0) - anchors).pow(2)
     return (sq * weights if weights is not None else sq).sum(1)
+
+
+# The same distances in matvec form, for the loops. With a fixed centre c (theta_G), u = theta - c and
+# b_k = theta_N,k - c:
+#     d_k(theta) = sum_i w_i (u_i - b_k,i)^2 = |u|_w^2 - 2 (w*b_k).u + |b_k|_w^2
+# (w*b_k) and |b_k|_w^2 are computed once (``prepare_anchors``): a step reads the (K, P) anchors in one
+# matrix-vector product instead of materialising K differences. Centring on theta_G keeps u and b_k
+# small: the expansion's rounding error is ~eps (|u|_w^2 + |b_k|_w^2), i.e. ~eps relative to the
+# starting distance d_k(theta_G) = |b_k|_w^2 while theta stays within a few of those of theta_G.
+
+
+@dataclass
+class AnchorSet:
+    """The K adapted parameter vectors theta_N,k prepared for ``anchor_distances``/``anchor_pull``."""
+
+    center: torch.Tensor  # (P,) c = theta_G
+    wb: torch.Tensor  # (K, P) w * b_k, b_k = theta_N,k - c
+    b_sq: torch.Tensor  # (K,) |b_k|_w^2 = sum_i w_i b_k,i^2 = d_k(c)
+    weights: torch.Tensor | None  # (P,) w; None = plain L2 (w = 1)
+
+
+def prepare_anchors(anchors: torch.Tensor, center: torch.Tensor, weights: torch.Tensor | None = None) -> AnchorSet:
+    """Arguments: anchors ``(K, P)``, center ``(P,)`` (theta_G), weights ``(P,)`` or None."""
+    b = anchors - center  # (K, P)
+    wb = b * weights if weights is not None else b
+    return AnchorSet(center.detach().clone(), wb.detach().contiguous(), (wb * b).sum(1).detach(), weights)
+
+
+# d_k(theta) = |u|_w^2 - 2 (w*b_k).u + |b_k|_w^2,  u = theta - c                  -> (K,), and w*u (P,)
+def anchor_distances(theta: torch.Tensor, anchors: AnchorSet, out_u=None, out_wu=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances ``(K,)`` equal to ``param_distance(theta, theta_N, w)`` (within float rounding), and
+    ``w*u`` ``(P,)`` for ``anchor_pull``. Differentiable in ``theta`` when no outs are given."""
+    u = torch.sub(theta, anchors.center, out=out_u)
+    wu = torch.mul(u, anchors.weights, out=out_wu) if anchors.weights is not None else u
+    return torch.dot(wu, u) - 2 * torch.mv(anchors.wb, u) + anchors.b_sq, wu
+
+
+# v = sum_k c_k w*(theta - theta_N,k) = (sum_k c_k) w*u - sum_k c_k (w*b_k)          -> (P,)
+def anchor_pull(wu: torch.Tensor, anchors: AnchorSet, c: torch.Tensor, out=None) -> torch.Tensor:
+    """``sum_k c_k w (theta - theta_N,k)`` ``(P,)`` from ``w*u`` of ``anchor_distances``: one
+    transposed matvec over the anchors. ``out`` may be ``wu`` itself."""
+    out = torch.mul(wu, c.sum(), out=out)
+    return out.addmv_(anchors.wb.t(), c, alpha=-1)
+
+
+# c_k = -dL_rep/dd_k   (EL2: alpha exp(-alpha d_k); NL2: 1; IL2: 1/d_k^2), by autograd on the (K,) vector
+def repulsion_slopes(d: torch.Tensor, repulsion, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_rep(d), -dL_rep/dd)`` for distances ``d`` ``(K,)``: a scalar and ``(K,)``, detached."""
+    with torch.enable_grad():
+        leaf = d.detach().requires_grad_(True)
+        value = repulsion(leaf, **kwargs)
+        (slope,) = torch.autograd.grad(value, leaf)
+    return value.detach(), -slope
 
 
 # IL2: L = sum_k 1 / d_k            (maximal, +inf, at theta_N; needs d_k > 0)

@@ -1,6 +1,11 @@
 """Pieces shared by the training loops (stage 1, stage 2, the baselines): D-input
-augmentation, optimisers, batch sampling and the loss log. Nothing here syncs with the host
-inside a step."""
+augmentation, optimisers, batch sampling, the two halves of a GAN step (``d_step``,
+``g_backward``), G's parameters as a flat vector (``FlatParams``), the wrapped modules a step
+calls (``TrainNets``: DDP, torch.compile, channels_last) and the loss log. Nothing here syncs
+with the host inside a step.
+
+Random numbers are drawn on the CPU from the loop's seeded generator (the same on every device),
+for the global batch; with several processes each keeps its rows (``distributed.shard_rows``)."""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ import contextlib
 import math
 
 import torch
+from torch import nn
 
+from .distributed import shard_rows, world_size, wrap_ddp
 from .errors import ConfigError, TrainingError
+from .losses import d_logistic_loss, g_nonsaturating_loss
 
 
 def augment(x: torch.Tensor, shift: int, noise: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -19,8 +27,8 @@ def augment(x: torch.Tensor, shift: int, noise: float, gen: torch.Generator | No
     if shift > 0:
         dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
         x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if noise > 0:
-        x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
+    if noise > 0:  # drawn for the global batch; this process keeps its rows
+        x = x + noise * to_device(shard_rows(torch.randn((len(x) * world_size(), *x.shape[1:]), generator=gen)), x.device)
     return x
 
 
@@ -30,9 +38,24 @@ def adam(params, lr: float, betas=(0.5, 0.99)) -> torch.optim.Adam:
 
 
 def sample_batch(pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch_size`` rows of ``pool`` drawn uniformly with replacement (pool stays on its device)."""
+    """``batch_size`` rows of ``pool`` drawn uniformly with replacement (pool stays on its device);
+    with several processes, this process's shard of them."""
     idx = torch.randint(0, len(pool), (batch_size,), generator=gen)
-    return pool[idx.to(pool.device)]
+    return pool[to_device(shard_rows(idx), pool.device)]
+
+
+def sample_latent_batch(batch_size: int, latent_dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    """z ~ N(0, I) ``(batch_size, latent_dim)`` drawn on the CPU; this process's shard of them, on ``device``."""
+    return to_device(shard_rows(torch.randn(batch_size, latent_dim, generator=gen)), device)
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy; on CUDA from pinned memory and asynchronous (a pageable copy would
+    wait for the GPU to finish its queue: a host sync per step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -40,6 +63,115 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------
+# A GAN step: what the stages share
+
+
+class TrainNets:
+    """The modules a training step calls: G and D, wrapped for speed or for several processes,
+    while the GAN keeps its plain modules (its state dict, checkpoints and parameters are untouched).
+
+    - ``channels_last`` memory format for conv models on CUDA (faster convolutions);
+    - ``DistributedDataParallel`` when a process group is up (``distributed.init_from_env``);
+    - ``torch.compile`` when asked (``compile=True``; the first steps compile).
+    """
+
+    def __init__(self, gan, device: torch.device, compile: bool = False):
+        self.gan = gan
+        if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in gan.modules()):
+            gan.to(memory_format=torch.channels_last)
+        self.g = wrap_ddp(gan.generator, device)
+        self.d = wrap_ddp(gan.discriminator, device)
+        if compile:
+            self.g, self.d = torch.compile(self.g), torch.compile(self.d)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Images ``(N, C, H, W)`` for latents ``(N, latent_dim)`` (as ``GAN.generate``)."""
+        return self.g(z).reshape(-1, *self.gan.image_shape)
+
+    def discriminate(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits ``(N,)`` (as ``GAN.discriminate``)."""
+        return self.d(x).reshape(-1)
+
+    @contextlib.contextmanager
+    def d_frozen(self):
+        """D's weights take no gradient inside (G's step: they would be thrown away); under DDP,
+        no all-reduce is prepared for them either. The backward may run after the block."""
+        params = [p for p in self.gan.discriminator.parameters() if p.requires_grad]
+        sync = self.d.no_sync() if isinstance(self.d, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with sync:
+                yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+
+def d_step(nets: TrainNets, opt_d, real: torch.Tensor, z: torch.Tensor, aug, device, amp: bool) -> torch.Tensor:
+    """D's step, max_phi L_adv, on one batch: L_D = E_real[softplus(-D(x))] + E_z[softplus(D(G(z)))].
+    ``real`` is already augmented; ``aug`` augments the fakes. Returns L_D (detached, on the device)."""
+    with autocast(device, amp):
+        with torch.no_grad():  # G's output is a constant in D's step: no graph through G
+            fake = nets.generate(z)
+        d_loss = d_logistic_loss(nets.discriminate(real), nets.discriminate(aug(fake)))
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    return d_loss.detach()
+
+
+def g_backward(nets: TrainNets, opt_g, z: torch.Tensor, aug, device, amp: bool) -> torch.Tensor:
+    """G's adversarial gradient: L_G = E_z[softplus(-D(G(z)))] backpropagated into G's (zeroed)
+    gradients, D frozen. The caller adds its penalty's gradient and calls ``opt_g.step()``.
+    Returns L_G (detached)."""
+    with nets.d_frozen(), autocast(device, amp):
+        g_adv = g_nonsaturating_loss(nets.discriminate(aug(nets.generate(z))))
+    opt_g.zero_grad(set_to_none=True)
+    g_adv.float().backward()
+    return g_adv.detach()
+
+
+class FlatParams:
+    """A list of parameters seen as one flat vector theta ``(P,)`` (the order of ``flatten_params``),
+    with its buffers allocated once, so a penalty costs a few passes over P floats and no allocation:
+
+    - ``read()``: theta, copied into a preallocated buffer (one ``cat``, no autograd graph);
+    - ``add_(v, alpha)``: theta += alpha * v, in place (one foreach op over the tensors);
+    - ``add_to_grad_(v, alpha)``: grad += alpha * v (after backward, before the optimiser step);
+    - ``scratch``: two preallocated ``(P,)`` buffers for the penalties' intermediate vectors.
+    """
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        sizes = [p.numel() for p in self.params]
+        like = self.params[0]
+        self.theta = torch.empty(sum(sizes), dtype=torch.float32, device=like.device)
+        self.scratch = (torch.empty_like(self.theta), torch.empty_like(self.theta))
+        self._sizes = sizes
+
+    def _views(self, v: torch.Tensor) -> list[torch.Tensor]:
+        return [t.view(p.shape) for t, p in zip(v.split(self._sizes), self.params)]
+
+    def read(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([p.reshape(-1) for p in self.params], out=self.theta)
+
+    def add_(self, v: torch.Tensor, alpha: float = 1.0) -> None:
+        with torch.no_grad():
+            torch._foreach_add_(self.params, self._views(v), alpha=alpha)
+
+    def add_to_grad_(self, v: torch.Tensor, alpha: float = 1.0) -> None:
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):  # a parameter the adversarial loss did not reach
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.params]
+        torch._foreach_add_(grads, self._views(v), alpha=alpha)
 
 
 class LossLog:

@@ -40,18 +40,35 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
 from .errors import ConfigError, DataError, TrainingError
+from .distributed import broadcast_, is_main_process
 from .losses import (
     REPULSIONS,
-    d_logistic_loss,
-    ewc_penalty,
+    AnchorSet,
+    anchor_distances,
+    anchor_pull,
+    ewc_penalty_grad,
     fisher_diagonal,
     flatten_params,
-    g_nonsaturating_loss,
     param_distance,
     per_tensor_weights,
+    prepare_anchors,
+    repulsion_slopes,
 )
 from .models import GAN, generator_params
-from .training import MAX_SEED, LossLog, adam, augment, autocast, check_int, check_positive, sample_batch
+from .training import (
+    MAX_SEED,
+    FlatParams,
+    LossLog,
+    TrainNets,
+    adam,
+    augment,
+    check_int,
+    check_positive,
+    d_step,
+    g_backward,
+    sample_batch,
+    sample_latent_batch,
+)
 
 REPULSION_METHODS = tuple(REPULSIONS)  # el2, nl2, il2
 FINETUNE_METHODS = ("finetune", "ewc")  # baselines: no regulariser / EWC towards theta_G
@@ -82,6 +99,7 @@ class UnlearnConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints (only when unlearn() gets a state_dir, as in agu run)
     seed: int = 0
     amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
+    compile: bool = False  # torch.compile G and D (worth it for long runs on a GPU; the first steps compile)
 
     def validate(self, n_adapted: int) -> None:
         valid = REPULSION_METHODS + FINETUNE_METHODS
@@ -130,26 +148,71 @@ def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> tor
     return fisher / fisher.mean().clamp_min(1e-30)
 
 
-def repulsion_step(model: GAN, anchors, weights, scale, repulsion, reg_kwargs, rate: float):
+@dataclass
+class Repulsion:
+    """Stage 2's repulsion, prepared once: the adapted parameters in matvec form, s_k = 1 / d_k(theta_G)
+    (or 1) and L_rep. ``evaluate`` reads theta and returns, as tensors (no host sync),
+    L_rep(d), the normalised distances d_k = s_k d_k(theta) (K,), c_k = -dL_rep/dd_k (K,) and
+    w*(theta - theta_G) (P,) for ``losses.anchor_pull``."""
+
+    anchors: AnchorSet
+    scale: torch.Tensor  # (K,) s_k
+    fn: object  # L_rep (losses.REPULSIONS)
+    kwargs: dict
+
+    def evaluate(self, flat: FlatParams):
+        d, wu = anchor_distances(flat.read(), self.anchors, *flat.scratch)
+        d = d * self.scale
+        value, c = repulsion_slopes(d, self.fn, **self.kwargs)
+        return value, d, c, wu
+
+
+@dataclass
+class EWC:
+    """The EWC baseline's fixed vectors: theta_G and the (normalised) Fisher, both (P,)."""
+
+    anchor: torch.Tensor
+    fisher: torch.Tensor
+
+
+def repulsion_step(flat: FlatParams, rep: Repulsion, rate: float):
     """The decoupled repulsion step, in place on G's parameters:
 
         theta <- theta + rate * sum_k c_k * w * (theta - theta_N,k),   c_k = -dL_rep/dd_k (normalised d_k)
 
-    Returns (L_rep, mean normalised distance) before the step, as tensors (no host sync)."""
-    params = generator_params(model)
-    with torch.no_grad():
-        diff = flatten_params(params).unsqueeze(0) - anchors  # (K, P)
-        d = (diff.pow(2) * weights if weights is not None else diff.pow(2)).sum(1) * scale  # (K,)
-    with torch.enable_grad():
-        d_leaf = d.clone().requires_grad_(True)
-        value = repulsion(d_leaf, **reg_kwargs)
-        (dl_dd,) = torch.autograd.grad(value, d_leaf)
-    with torch.no_grad():
-        step = (-dl_dd).unsqueeze(1).mul(diff).sum(0)  # (P,)
-        if weights is not None:
-            step = step * weights
-        torch._foreach_add_(params, [s.view_as(p) for s, p in zip(step.mul_(rate).split([p.numel() for p in params]), params)])
-    return value.detach(), d.mean()
+    (two matvecs over the (K, P) anchors, ``losses.anchor_pull``). Returns (L_rep, mean normalised
+    distance) before the step, as tensors (no host sync)."""
+    value, d, c, wu = rep.evaluate(flat)
+    flat.add_(anchor_pull(wu, rep.anchors, c, out=wu), alpha=rate)
+    return value, d.mean()
+
+
+def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device):
+    """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
+    then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None).
+    Returns the losses ``(d_loss, g_adv, reg, distance)``, detached, on the device."""
+    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)  # noqa: E731  (D's view of a fake)
+
+    # D step: max_phi L_adv
+    d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)
+
+    # G step: min_theta L_adv + gamma * L_repulsion   (or + lambda * EWC, or nothing). A penalty's
+    # gradient is added to the adversarial one by hand (fp32, no autograd graph through theta)
+    g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
+    value = dist = torch.zeros((), device=device)
+    if cfg.method == "ewc":  # d(lambda EWC)/dtheta = 2 lambda F (theta - theta_G)
+        ewc, grad = ewc_penalty_grad(flat.read(), reg.anchor, reg.fisher, *flat.scratch)
+        flat.add_to_grad_(grad, alpha=cfg.ewc_lambda)
+        value = dist = cfg.ewc_lambda * ewc
+    elif reg is not None and cfg.repulsion_mode == "loss":  # d(gamma L_rep)/dtheta = -gamma sum_k 2 s_k c_k w (theta - theta_N,k)
+        rep, d, c, wu = reg.evaluate(flat)
+        flat.add_to_grad_(anchor_pull(wu, reg.anchors, 2 * reg.scale * c, out=wu), alpha=-cfg.gamma)
+        value, dist = cfg.gamma * rep, d.mean()
+    opt_g.step()
+    if reg is not None and cfg.method in REPULSION_METHODS and cfg.repulsion_mode == "decoupled":
+        rep, dist = repulsion_step(flat, reg, cfg.gamma * cfg.repulsion_lr)  # after Adam's step
+        value = cfg.gamma * rep
+    return d_loss, g_adv, value, dist
 
 
 def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog) -> None:
@@ -217,16 +280,19 @@ def unlearn(
     theta_g = flatten_params(generator_params(model)).detach()  # (P,)
     repulsive = cfg.method in REPULSION_METHODS
     if repulsive:
-        anchors = torch.stack([flatten_params(generator_params(a.to(device))).detach() for a in adapted])  # (K, P)
+        anchors = broadcast_(torch.stack([flatten_params(generator_params(a.to(device))).detach() for a in adapted]))  # (K, P)
         weights = distance_weights(model, cfg.distance, cfg.seed, cfg.fisher_samples)
+        weights = broadcast_(weights) if weights is not None else None  # (P,), rank 0's
         d0 = param_distance(theta_g, anchors, weights)  # (K,) distances at the start
         if not bool((d0 > 0).all()):
             raise ConfigError("an adapted GAN equals the original (distance 0): stage 1 did not move it; adapt again")
         scale = 1.0 / d0 if cfg.normalize_distance else torch.ones_like(d0)
-        repulsion = REPULSIONS[cfg.method]
         reg_kwargs = {"alpha": cfg.alpha} if cfg.method == "el2" else {}
+        reg = Repulsion(prepare_anchors(anchors, theta_g, weights), scale, REPULSIONS[cfg.method], reg_kwargs)
     elif cfg.method == "ewc":
-        fisher = distance_weights(model, "fisher", cfg.seed, cfg.fisher_samples)
+        reg = EWC(theta_g, broadcast_(distance_weights(model, "fisher", cfg.seed, cfg.fisher_samples)))
+    else:
+        reg = None
     pool = positives.to(device)
     log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
@@ -234,49 +300,18 @@ def unlearn(
     start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device) if state_dir is not None else 0
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"unlearn {cfg.method}",
                disable=not progress, leave=False)
+    nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
+    flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
 
     # --- train: the GAN game on the positives plus the regulariser on G -----------------
     for step in bar:
         real = augment(sample_batch(pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
-        z = torch.randn(cfg.batch_size, gan.latent_dim, generator=gen).to(device)
-
-        # D step: max_phi L_adv
-        with autocast(device, cfg.amp):
-            fake = model.generate(z).detach()
-            d_loss = d_logistic_loss(
-                model.discriminate(real), model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen))
-            )
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-
-        # G step: min_theta L_adv + gamma * L_repulsion   (or + lambda * EWC, or nothing)
-        with autocast(device, cfg.amp):
-            fake = model.generate(z)
-            g_adv = g_nonsaturating_loss(model.discriminate(augment(fake, cfg.augment_shift, cfg.instance_noise, gen)))
-        theta = flatten_params(generator_params(model))
-        if repulsive and cfg.repulsion_mode == "loss":
-            d = param_distance(theta, anchors, weights) * scale  # (K,)
-            reg = cfg.gamma * repulsion(d, **reg_kwargs)
-            dist = d.mean().detach()
-        elif repulsive:  # decoupled: the step is taken after Adam's, below
-            reg = dist = torch.zeros((), device=device)
-        elif cfg.method == "ewc":
-            reg = cfg.ewc_lambda * ewc_penalty(theta, theta_g, fisher)
-            dist = reg.detach()
-        else:
-            reg = dist = torch.zeros((), device=device)
-        opt_g.zero_grad(set_to_none=True)
-        (g_adv.float() + reg).backward()
-        opt_g.step()
-        if repulsive and cfg.repulsion_mode == "decoupled":
-            reg, dist = repulsion_step(model, anchors, weights, scale, repulsion, reg_kwargs, cfg.gamma * cfg.repulsion_lr)
-            reg = cfg.gamma * reg
-
-        row = log.add(step, d_loss, g_adv, reg, dist)
+        z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
+        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device)
+        row = log.add(step, d_loss, g_adv, reg_value, dist)
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
-        if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters:
+        if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters and is_main_process():
             save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log)
     log.flush(cfg.iters - 1)
 
