@@ -1,0 +1,317 @@
+"""Bad input gets a clear error: each test checks that the message names the problem and the fix,
+and that the CLI exits with 2 and prints no traceback (``--debug`` shows one).
+
+Runs on a tiny seeded GAN saved to a temporary folder (no shipped checkpoint needed); the
+classifiers here are untrained, since only their shapes and outputs' range matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agu_lib import cli
+from agu_lib.adapt import AdaptConfig
+from agu_lib.checkpoint import load_gan, load_training_state, save_gan
+from agu_lib.classifier import Classifier, save_classifier
+from agu_lib.errors import CheckpointError, TrainingError
+from agu_lib.feedback import PredicateOracle
+from agu_lib.models import build_gan
+from agu_lib.pipeline import RunConfig, run
+from agu_lib.training import LossLog
+from agu_lib.unlearn import UnlearnConfig
+
+TINY = ["--device", "cpu", "--quiet", "--real", "none", "--n-samples", "200", "--n-eval", "20", "--adapt-iters", "2",
+        "--iters", "4"]
+
+
+@pytest.fixture(scope="module")
+def gan_dir(tmp_path_factory):
+    """A tiny seeded 16x16 DCGAN saved as an agu GAN directory."""
+    torch.manual_seed(0)
+    return save_gan(build_gan("dcgan", 8, (1, 16, 16), channels=8), tmp_path_factory.mktemp("g") / "gan")
+
+
+@pytest.fixture(scope="module")
+def clf_dirs(tmp_path_factory):
+    """Untrained classifiers for 16x16 (fits the GAN) and 28x28 (MNIST-sized: does not)."""
+    root = tmp_path_factory.mktemp("clf")
+    torch.manual_seed(0)
+    return {size: save_classifier(Classifier((1, size, size), meta={"dataset": f"test{size}"}), root / f"c{size}")
+            for size in (16, 28)}
+
+
+def agu(capsys, *argv) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, stderr) and checks no traceback was printed."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def write_pngs(folder: Path, n: int, size=(16, 16), mode="L") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# Negatives given as a folder (agu adapt --negatives DIR)
+
+
+def test_negatives_folder_empty_missing_or_unreadable(gan_dir, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("hi")
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY)
+    assert code == 2 and "holds no .png/.jpg/.jpeg files (1 files found)" in err and "put the images directly in it" in err
+
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", tmp_path / "nope", "--out", tmp_path / "a", *TINY)
+    assert code == 2 and "does not exist" in err
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "iterdir", denied)  # root ignores chmod, so simulate the OS refusing
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY)
+    assert code == 2 and "cannot be read (Permission denied)" in err and "check its permissions" in err
+
+
+def test_too_few_negatives_says_how_many_and_the_minimum(gan_dir, tmp_path, capsys):
+    folder = write_pngs(tmp_path / "neg", 3)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    assert code == 2
+    assert "holds 3 readable image(s); stage 1 needs at least 8 negatives" in err and "Add images" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_images_of_another_size_need_convert(gan_dir, tmp_path, capsys):
+    folder = write_pngs(tmp_path / "neg", 8, size=(28, 28), mode="RGB")
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    assert code == 2 and "is 28x28 RGB (3 channels); expected 16x16 L (1 channels)" in err and "--convert" in err
+    code, _ = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--convert", "--out", tmp_path / "a", *TINY)
+    assert code == 0 and load_gan(tmp_path / "a").image_shape == (1, 16, 16)
+
+
+def test_corrupt_images_are_skipped_with_a_warning(gan_dir, tmp_path, capsys):
+    folder = write_pngs(tmp_path / "neg", 8)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): broken.png"):
+        code, _ = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    assert code == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Classifier and feedback
+
+
+def test_classifier_of_another_shape(gan_dir, clf_dirs, tmp_path, capsys):
+    code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[28], "--forget", "3", "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "takes images of shape (1, 28, 28) but got (1, 16, 16)" in err and "agu train-classifier" in err
+
+
+def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
+    # an untrained classifier is never 99% sure: no sample counts as negative
+    code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[16], "--forget", "3", "--threshold", "0.99",
+                    "--out", tmp_path / "r", *TINY)
+    assert code == 2
+    assert "produced 0 negatives in 200 samples (measured share 0.00%), fewer than the 8 needed" in err
+    assert "--n-samples" in err and "--threshold" in err and "agu adapt --negatives DIR" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--gamma", "0"], "gamma must be > 0"),
+    (["--gamma", "-0.1"], "a negative gamma turns repulsion into attraction"),
+    (["--gamma", "nan"], "gamma must be > 0"),
+    (["--method", "extrapolate", "--gamma", "0.5"], "extrapolate_gamma must be > 1"),
+    (["--lam", "-1"], "ewc_lambda must be a number >= 0"),
+    (["--lam", "inf"], "ewc_lambda must be a number >= 0 (and finite)"),
+    (["--alpha", "0"], "alpha must be a number > 0"),
+    (["--iters", "0"], "unlearn: iters must be an integer at least 1, got 0"),
+    (["--adapt-iters", "0"], "adapt: iters must be an integer at least 1, got 0"),
+    (["--k", "0"], "adapt: n_models must be an integer at least 1"),
+    (["--n-eval", "5"], "n_eval must be an integer at least 10"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be an integer at least 1"),
+    (["--seed", "-1"], "seed must be an integer at least 0"),
+])
+def test_bad_values_name_the_setting_and_the_range(gan_dir, tmp_path, capsys, args, expected):
+    argv = ["run", gan_dir, "--bold", "50", "--out", tmp_path / "r", *TINY, *args]
+    code, err = agu(capsys, *argv)
+    assert code == 2 and expected in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()  # refused before any work
+
+
+def test_unknown_method_and_metric_list_the_valid_ones(gan_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own check of --method
+        cli.main(["run", str(gan_dir), "--bold", "50", "--method", "el3", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'el3'" in err and "el2" in err and "finetune" in err and "Traceback" not in err
+    code, err = agu(capsys, "evaluate", gan_dir, "--bold", "50", "--metrics", "pul", "fud", "--device", "cpu")
+    assert code == 2 and "unknown metric(s) ['fud']; valid: " in err and "pul" in err and "negative_share" in err
+
+
+def test_debug_shows_the_traceback(gan_dir, tmp_path):
+    with pytest.raises(CheckpointError):
+        cli.main(["info", str(tmp_path / "nothing"), "--debug"])
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged checkpoints and foreign pickles, through the CLI
+
+
+@pytest.fixture
+def gan_copy(gan_dir, tmp_path):
+    return save_gan(load_gan(gan_dir), tmp_path / "copy")
+
+
+def test_truncated_safetensors(gan_copy, capsys):
+    f = gan_copy / "generator.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    code, err = agu(capsys, "info", gan_copy)
+    assert code == 2 and "does not match the SHA-256 in card.json" in err and "truncated" in err
+    assert "Restore it or re-create the checkpoint" in err
+
+
+def test_tampered_safetensors_with_updated_hash(gan_copy, capsys):
+    from agu_lib.checkpoint import sha256_file
+
+    f = gan_copy / "discriminator.safetensors"
+    f.write_bytes(b"\xff" * 64 + f.read_bytes()[64:])
+    card = json.loads((gan_copy / "card.json").read_text())
+    card["files"]["discriminator.safetensors"] = sha256_file(f)  # the attacker also fixed the hash
+    (gan_copy / "card.json").write_text(json.dumps(card))
+    code, err = agu(capsys, "sample", gan_copy, "--out", gan_copy.parent / "x.png")
+    assert code == 2 and "is not a readable safetensors file" in err
+
+
+def test_hash_mismatch_same_length(gan_copy, capsys):
+    f = gan_copy / "generator.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1  # one bit of one weight
+    f.write_bytes(bytes(raw))
+    code, err = agu(capsys, "info", gan_copy)
+    assert code == 2 and "generator.safetensors does not match the SHA-256" in err and "changed or truncated" in err
+
+
+def test_card_with_missing_fields(gan_copy, capsys):
+    card = json.loads((gan_copy / "card.json").read_text())
+    del card["latent_dim"], card["files"]
+    (gan_copy / "card.json").write_text(json.dumps(card))
+    code, err = agu(capsys, "info", gan_copy)
+    assert code == 2 and "lacks the fields ['latent_dim', 'files']" in err and "re-create the checkpoint" in err
+
+
+class _Payload:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_import_gan_refuses_a_pickle_with_code(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil, good = tmp_path / "G.ckpt", tmp_path / "D.ckpt"
+    evil.write_bytes(pickle.dumps({"0.weight": torch.zeros(2, 2), "x": _Payload(marker)}, protocol=2))
+    torch.save({"0.weight": torch.zeros(1, 16), "0.bias": torch.zeros(1)}, good)
+    code, err = agu(capsys, "import-gan", "--arch", "mlp", "--generator", evil, "--discriminator", good,
+                    "--latent-dim", "2", "--image-shape", "1,4,4", "--out", tmp_path / "gan")
+    assert code == 2 and "refused" in err and "never unpickles code" in err and "state_dict" in err
+    assert not marker.exists() and not (tmp_path / "gan").exists()
+
+
+def test_real_process_exit_code_and_no_traceback(gan_copy, tmp_path):
+    """The same through a real ``python -m agu_lib.cli`` process (what a shell sees)."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "G.ckpt"
+    evil.write_bytes(pickle.dumps({"x": _Payload(marker)}, protocol=2))
+    f = gan_copy / "generator.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["info", str(gan_copy)],
+                 ["import-gan", "--arch", "mlp", "--generator", str(evil), "--discriminator", str(evil),
+                  "--latent-dim", "2", "--image-shape", "1,4,4", "--out", str(tmp_path / "gan")]):
+        p = subprocess.run([sys.executable, "-m", "agu_lib.cli", *argv], check=False, capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.startswith(f"agu {argv[0]}: error: ") and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# NaN / Inf during training: a clear stop, earlier results intact
+
+
+def bright(x):
+    m = x.flatten(1).mean(1)
+    return m > m.median()
+
+
+def tiny_run_config(**unlearn) -> RunConfig:
+    return RunConfig(method="el2", n_samples=128, n_eval=16,
+                     adapt=AdaptConfig(iters=2, batch_size=4, n_negatives=8, fisher_samples=4, log_every=1),
+                     unlearn=UnlearnConfig(**{"iters": 12, "batch_size": 8, "fisher_samples": 4, "log_every": 50,
+                                              "checkpoint_every": 4, **unlearn}))
+
+
+def poison_stage2_losses(monkeypatch, from_step: int) -> None:
+    """Make stage 2's G loss read NaN from ``from_step`` (counted from 1) on, as a diverging run would."""
+    real_add = LossLog.add
+
+    def add(self, step, *values):
+        if self.stage.startswith("unlearn") and step + 1 >= from_step:
+            values = (values[0], values[1] * float("nan"), *values[2:])
+        return real_add(self, step, *values)
+
+    monkeypatch.setattr(LossLog, "add", add)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(gan_dir, tmp_path, monkeypatch):
+    gan, oracle, out = load_gan(gan_dir), PredicateOracle(bright, "bright"), tmp_path / "run"
+    run(gan, oracle, out, tiny_run_config(), progress=False)  # a previous, complete run at the same path
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    poison_stage2_losses(monkeypatch, 10)
+    with pytest.raises(TrainingError, match=r"unlearn \(el2\): loss g_adv became NaN or Inf at step 10\. Likely cause: "
+                                            r"a learning rate or penalty weight .* too large.*Lower them.*intact"):
+        run(gan, oracle, out, tiny_run_config(), progress=False)
+    # the previous run is untouched, file by file, and still loads
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    load_gan(out / "unlearned")
+    # the last good stage-2 checkpoint (step 8) is intact and loadable, and holds finite weights
+    g = load_gan(gan_dir)
+    _, card = load_training_state(out.with_name("run.partial") / "unlearn", {"generator": g.generator}, {})
+    assert card["step"] == 8 and all(torch.isfinite(p).all() for p in g.generator.parameters())
+
+
+def test_absurd_learning_rate_is_a_training_error(gan_dir):
+    from agu_lib.unlearn import unlearn
+
+    gan = load_gan(gan_dir)
+    x = gan.sample(64, seed=0)
+    cfg = UnlearnConfig(method="finetune", iters=30, batch_size=8, log_every=5, g_lr=1e30, d_lr=1e30)
+    with pytest.raises(TrainingError, match=r"became NaN or Inf at step \d+\. Likely cause: a learning rate"):
+        unlearn(gan, x, config=cfg, progress=False)
+
+
+def test_nan_through_the_cli_is_one_line(gan_dir, tmp_path, capsys, monkeypatch):
+    poison_stage2_losses(monkeypatch, 1)
+    code, err = agu(capsys, "run", gan_dir, "--bold", "50", "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "became NaN or Inf at step 1" in err and "Lower them" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
