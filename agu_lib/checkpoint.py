@@ -274,9 +274,14 @@ def load_gan(path_or_name, device="cpu") -> GAN:
             "re-create the checkpoint"
         )
     try:
+        with torch.device("meta"):  # shapes only, no memory: a card must not make us allocate terabytes
+            numel = sum(p.numel() for p in build_gan(card["arch"], latent_dim, shape, **card["arch_kwargs"]).parameters())
+        sizes = sum((path / f).stat().st_size for f in ("generator.safetensors", "discriminator.safetensors") if (path / f).is_file())
+        if numel > 16 * sizes + 10**7:  # far more than the files could hold (the exact check comes after loading)
+            raise ConfigError(f"it has {numel:,} parameters but the weight files hold only {sizes:,} bytes")
         gan = build_gan(card["arch"], latent_dim, shape, provenance=card.get("provenance"), **card["arch_kwargs"])
-    except ConfigError as e:
-        raise CheckpointError(f"{path}/card.json describes a GAN that cannot be built: {e}") from None
+    except (ConfigError, RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise CheckpointError(f"{path}/card.json describes a GAN that cannot be built: {e}; re-create the checkpoint") from None
     load_state_checked(gan.generator, load_tensor_file(path, card, "generator.safetensors"), f"{path}/generator.safetensors")
     load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
     gan.card = card

@@ -179,8 +179,16 @@ def load_classifier(path_or_name, device="cpu") -> Classifier:
     card = read_card(path, "agu-classifier", ("format", "version", "arch_kwargs", "files"))
     kw = card["arch_kwargs"]
     try:
-        clf = Classifier(kw["image_shape"], kw["n_classes"], kw.get("width", 32), kw.get("feature_dim", 128), meta=card.get("meta"))
-    except (KeyError, TypeError) as e:
+        args = (kw["image_shape"], kw["n_classes"], kw.get("width", 32), kw.get("feature_dim", 128))
+        shape, sizes = args[0], args[1:]
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and v > 0 for v in [*shape, *sizes])):
+            raise ValueError("image_shape must be three positive integers; n_classes, width, feature_dim positive integers")
+        with torch.device("meta"):  # shapes only: a card must not make us allocate terabytes
+            numel = sum(p.numel() for p in Classifier(*args).parameters())
+        if numel > 16 * (path / "classifier.safetensors").stat().st_size + 10**7:
+            raise ValueError(f"it describes {numel:,} parameters, far more than classifier.safetensors holds")
+        clf = Classifier(*args, meta=card.get("meta"))
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
         from .errors import CheckpointError
 
         raise CheckpointError(f"{path}/card.json has bad arch_kwargs ({e}); re-create the classifier") from None
