@@ -257,7 +257,7 @@ def load_gan(path_or_name, device="cpu") -> GAN:
     """Load a GAN directory (or a shipped name such as ``"digits"``), checking hashes, keys and shapes."""
     path = resolve(path_or_name, "gan")
     card = read_card(path, "agu-gan", GAN_CARD_FIELDS)
-    if card["arch"] not in ARCHITECTURES:
+    if not isinstance(card["arch"], str) or card["arch"] not in ARCHITECTURES:
         raise CheckpointError(
             f"{path} needs architecture {card['arch']!r}, which is not registered; "
             f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture"

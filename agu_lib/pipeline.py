@@ -211,6 +211,13 @@ def gan_digest(gan: GAN) -> str:
     return h.hexdigest()
 
 
+def _flat(d, prefix: str = "") -> dict:
+    """{"config": {"unlearn": {"gamma": 1}}} -> {"config.unlearn.gamma": 1}."""
+    if not isinstance(d, dict) or not d:
+        return {prefix[:-1]: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+
+
 def open_state_dir(out: Path, record: dict, resume: bool) -> Path:
     """The state folder ``out.partial/`` of a run, made ready: kept when resuming the same run,
     else (re)started empty. ``record`` identifies the run (settings, classes, GAN, oracle)."""
@@ -228,7 +235,8 @@ def open_state_dir(out: Path, record: dict, resume: bool) -> Path:
                 print(f"agu: resuming from {state}", file=sys.stderr, flush=True)
                 return state
             if saved is not None:
-                differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+                old, new = _flat(saved), _flat(record)
+                differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ConfigError(f"{state} belongs to a run with other settings (differ: {', '.join(differ)}); "
                                   "resume with the same command, or run without --resume to start over")
         print(f"agu: discarding the partial run in {state} ({'it is unreadable' if resume else 'no --resume given'})",
