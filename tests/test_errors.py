@@ -122,6 +122,15 @@ def test_classifier_of_another_shape(gan_dir, clf_dirs, tmp_path, capsys):
     assert code == 2 and "takes images of shape (1, 28, 28) but got (1, 16, 16)" in err and "agu train-classifier" in err
 
 
+def test_mnist_classifier_on_the_digits_gan(tmp_path, capsys):
+    from agu_lib.checkpoint import shipped_names
+
+    if "digits" not in shipped_names() or "mnist" not in shipped_names("classifier"):
+        pytest.skip("needs the shipped digits GAN and mnist classifier")
+    code, err = agu(capsys, "run", "digits", "--classifier", "mnist", "--forget", "7", "--out", tmp_path / "r", *TINY)
+    assert code == 2 and "takes images of shape (1, 28, 28) but got (1, 16, 16)" in err and "agu train-classifier" in err
+
+
 def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     # an untrained classifier is never 99% sure: no sample counts as negative
     code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[16], "--forget", "3", "--threshold", "0.99",
