@@ -62,13 +62,90 @@ def fisher_diagonal(generator: nn.Module, discriminator: nn.Module, z: torch.Ten
     """F_i = E_z[(d D(G(z)) / d theta_i)^2]: diagonal Fisher of G at its current parameters,
     from per-sample gradients of D's raw logit (Li et al. 2020, as in the paper's code).
 
-    Vectorised with ``torch.func.vmap(grad(...))`` over ``chunk`` samples at a time, so memory
-    stays bounded. Returns a detached flat vector ``(P,)`` in the order of
-    ``generator.named_parameters()`` (trainable ones).
+    ``chunk`` samples at a time, so memory stays bounded. A generator made of ``nn.Linear`` and
+    ``nn.Conv2d`` layers takes the layer-wise path (``fisher_diagonal_layers``: sums of squared
+    per-sample gradients from one batched backward); any other takes ``fisher_diagonal_vmap``.
+    Returns a detached flat vector ``(P,)`` in the order of ``generator.named_parameters()``
+    (trainable ones).
 
     Arguments:
         z: latents ``(n, latent_dim)``.
     """
+    fisher = fisher_diagonal_layers(generator, discriminator, z, chunk)
+    return fisher if fisher is not None else fisher_diagonal_vmap(generator, discriminator, z, chunk)
+
+
+def fisher_diagonal_layers(generator: nn.Module, discriminator: nn.Module, z: torch.Tensor, chunk: int = 64):
+    """``fisher_diagonal`` for a generator whose trainable parameters all sit in ``nn.Linear`` and
+    ``nn.Conv2d`` layers (each called once per forward, on per-sample inputs). A layer's
+    per-sample weight gradient is an outer product of its output gradient delta_n and its input
+    a_n, so no per-sample gradient needs to exist:
+
+        Linear:  sum_n (delta_n a_n^T)^2 = (delta^2)^T (a^2)          one matmul per layer
+        Conv2d:  sum_n (delta_n U_n^T)^2,  U_n = unfold(a_n)           one batched matmul per layer
+        bias:    sum_n delta_n^2  (Conv2d: delta_n summed over positions first)
+
+    delta comes from one backward of sum_n D(G(z_n)) over the chunk (samples are independent).
+    Returns None when the generator has other parameterised layers or reuses a layer.
+    """
+    params = [p for p in generator.parameters() if p.requires_grad]
+    layers: dict[nn.Module, None] = {}
+    for m in generator.modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            layers[m] = None
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return None
+        elif not isinstance(m, nn.Linear):
+            return None
+    totals = {p: torch.zeros_like(p) for p in params}
+    for zc in z.split(chunk):
+        seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (layer, input, output)
+        hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach(), out))) for m in layers]
+        try:
+            with torch.enable_grad():
+                logits = discriminator(generator(zc))
+                if len(seen) != len(layers) or any(a.dim() != (2 if isinstance(m, nn.Linear) else 4) for m, a, _ in seen):
+                    return None  # a layer reused, skipped, or fed more than one vector per sample
+                deltas = torch.autograd.grad(logits.sum(), [out for _, _, out in seen])
+        finally:
+            for h in hooks:
+                h.remove()
+        with torch.no_grad():
+            for (m, a, _), d in zip(seen, deltas):
+                if isinstance(m, nn.Linear):
+                    w_sq = d.pow(2).t() @ a.pow(2)  # (out, in)
+                    b_sq = d.pow(2).sum(0)
+                else:
+                    w_sq = _conv_weight_grad_sq_sum(m, a, d)
+                    b_sq = d.sum((2, 3)).pow(2).sum(0)
+                if m.weight.requires_grad:
+                    totals[m.weight] += w_sq.view_as(m.weight)
+                if m.bias is not None and m.bias.requires_grad:
+                    totals[m.bias] += b_sq
+    return torch.cat([totals[p].reshape(-1) for p in params]) / len(z)
+
+
+def _conv_weight_grad_sq_sum(conv: nn.Conv2d, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """sum_n g_n^2 for a Conv2d's weight, g_n the per-sample weight gradient; one kernel offset
+    (i, j) at a time: g_n[:, :, i, j] = delta_n (Cout, L) @ shifted a_n (L, Cin)  (no im2col buffer)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    ho, wo = delta.shape[2:]
+    a = nn.functional.pad(a, (pw, pw, ph, ph))
+    dl = delta.flatten(2)  # (c, Cout, L)
+    out = torch.empty(conv.weight.shape, dtype=delta.dtype, device=delta.device)
+    for i in range(kh):
+        for j in range(kw):
+            patch = a[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]  # (c, Cin, ho, wo)
+            g = torch.bmm(dl, patch.flatten(2).transpose(1, 2))  # (c, Cout, Cin)
+            out[:, :, i, j] = g.pow_(2).sum(0)
+    return out
+
+
+def fisher_diagonal_vmap(generator: nn.Module, discriminator: nn.Module, z: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``fisher_diagonal`` for any generator: per-sample gradients with ``torch.func.vmap(grad(...))``
+    over ``chunk`` samples at a time (peak memory ~ chunk x P floats)."""
     names = [n for n, p in generator.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in generator.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in generator.named_buffers()}
