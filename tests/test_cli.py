@@ -1,0 +1,57 @@
+"""The agu command: exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from agu_lib import cli
+
+
+def test_sample_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert cli.main(["sample", "digits", "--n", "16", "--out", str(out), "--device", "cpu"]) == 0
+    img = Image.open(out)
+    # 16 samples -> 4x4 tiles of 16 px upscaled x4 = 64 px, with 1 px padding around each
+    assert img.size == (4 * 65 + 1, 4 * 65 + 1)
+    assert "wrote 16 samples" in capsys.readouterr().out
+
+
+def test_info_prints_the_card(capsys):
+    assert cli.main(["info", "digits"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["format"] == "agu-gan" and card["image_shape"] == [1, 16, 16]
+    assert card["generator_parameters"] > 0 and "command" in card["provenance"]
+
+
+def test_unknown_gan_lists_shipped_names(capsys):
+    assert cli.main(["sample", "no-such-gan", "--out", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-gan" in err and "digits" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["sample", "digits", "--device", "cuda", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU is available" in err and "--device cpu" in err
+
+
+def test_bad_values_are_config_errors(tmp_path, capsys):
+    assert cli.main(["sample", "digits", "--n", "0", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
+    assert cli.main(["train-classifier", "--dataset", "digits", "--out", str(tmp_path / "c"), "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--dataset", "digits", "--out", str(tmp_path / "g"), "--iterations", "0"]) == 2
+    assert "--iterations" in capsys.readouterr().err
+
+
+def test_train_classifier_short_run(tmp_path, capsys):
+    out = tmp_path / "clf"
+    assert cli.main(["train-classifier", "--dataset", "digits", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    card = json.loads((out / "card.json").read_text())
+    assert card["format"] == "agu-classifier" and card["meta"]["test_accuracy"] > 0.5
