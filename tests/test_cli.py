@@ -55,3 +55,11 @@ def test_train_classifier_short_run(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
     card = json.loads((out / "card.json").read_text())
     assert card["format"] == "agu-classifier" and card["meta"]["test_accuracy"] > 0.5
+
+
+def test_train_classifier_without_mnist_files(tmp_path, capsys):
+    missing = tmp_path / "no-mnist"
+    assert cli.main(["train-classifier", "--dataset", "mnist", "--mnist-dir", str(missing), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
