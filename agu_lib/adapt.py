@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DataError
 from .distributed import broadcast_
+from .errors import DataError
 from .losses import ewc_penalty_grad, fisher_diagonal, flatten_params
 from .models import GAN, generator_params
 from .training import (
@@ -76,7 +76,7 @@ class AdaptResult:
 def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor, fisher, cfg: AdaptConfig, gen, device):
     """One step of stage 1 on a batch (``real``: negatives, already augmented; ``z``: latents):
     D's step, then G's. Returns the losses ``(d_loss, g_adv, ewc)``, detached, on the device."""
-    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)  # noqa: E731  (D's view of a fake)
+    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
     # D step: max_phi L_adv
     d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)

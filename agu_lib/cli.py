@@ -218,6 +218,8 @@ def _run_config(args):
         cfg.adapt.n_models = args.k
     if args.lam is not None:
         cfg.adapt.ewc_lambda = args.lam
+    if getattr(args, "compile", False):
+        cfg.adapt.compile = cfg.unlearn.compile = True
     if getattr(args, "checkpoint_every", None) is not None:
         cfg.unlearn.checkpoint_every = args.checkpoint_every
     cfg.validate()
@@ -338,6 +340,7 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
     p.add_argument("--n-samples", type=int, default=5000, help="samples drawn for feedback (default: 5000)")
     p.add_argument("--n-eval", type=int, default=5000, help="evaluation latents (default: 5000)")
     p.add_argument("--real", default="auto", choices=["auto", "digits", "mnist", "none"],
@@ -432,6 +435,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .distributed import init_from_env
+
+        init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)
         args.func(args)
     except AguError as e:
         if getattr(args, "debug", False):

@@ -102,7 +102,7 @@ def fisher_diagonal_layers(generator: nn.Module, discriminator: nn.Module, z: to
     totals = {p: torch.zeros_like(p) for p in params}
     for zc in z.split(chunk):
         seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (layer, input, output)
-        hooks = [m.register_forward_hook(lambda m, inp, out: seen.append((m, inp[0].detach(), out))) for m in layers]
+        hooks = [m.register_forward_hook(lambda m, inp, out, seen=seen: seen.append((m, inp[0].detach(), out))) for m in layers]
         try:
             with torch.enable_grad():
                 logits = discriminator(generator(zc))

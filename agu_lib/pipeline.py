@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from .adapt import MIN_NEGATIVES, AdaptConfig, adapt
 from .checkpoint import atomic_dir, check_replaceable, load_gan, save_gan, write_json_atomic
 from .directions import extrapolate, mean_gan
+from .distributed import barrier, is_main_process
 from .errors import ConfigError, DataError
 from .feedback import collect
 from .metrics import evaluate, make_context
@@ -139,7 +140,9 @@ def run(
     t_all = time.perf_counter()
     cfg.adapt.seed = cfg.seed
     state = open_state_dir(out, {"config": asdict(cfg), "forget": [int(c) for c in forget], "gan": gan_digest(gan),
-                                 "oracle": getattr(oracle, "description", "custom")}, resume)
+                                 "oracle": getattr(oracle, "description", "custom")}, resume) \
+        if is_main_process() else out.with_name(out.name + ".partial")  # under torchrun, rank 0 writes
+    barrier()
 
     # 1. feedback: draw once, split into negatives / positives
     t = time.perf_counter()
@@ -179,6 +182,8 @@ def run(
     metrics["seconds"] = {k: round(v, 2) for k, v in times.items()}
 
     # 5. save: every piece written atomically, metrics.json last (its presence = a complete run)
+    if not is_main_process():  # under torchrun, rank 0 writes
+        return metrics
     config_record = {**asdict(cfg), "forget": list(forget), **(extra_config or {})}
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "config.json", config_record)
@@ -256,9 +261,10 @@ def adapt_or_reload(gan: GAN, negatives, cfg: AdaptConfig, state: Path, device, 
         n = json.loads(done.read_text())["n_models"]
         return [load_gan(state / f"adapted-{k}", device=device).eval() for k in range(n)], json.loads(done.read_text())["logs"]
     res = adapt(gan, negatives, cfg, device=device, progress=progress)
-    for k, model in enumerate(res.models):
-        save_gan(model, state / f"adapted-{k}")
-    write_json_atomic(done, {"n_models": len(res.models), "logs": res.logs})
+    if is_main_process():  # under torchrun, rank 0 writes
+        for k, model in enumerate(res.models):
+            save_gan(model, state / f"adapted-{k}")
+        write_json_atomic(done, {"n_models": len(res.models), "logs": res.logs})
     return res.models, res.logs
 
 

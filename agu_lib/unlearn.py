@@ -39,8 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
-from .errors import ConfigError, DataError, TrainingError
 from .distributed import broadcast_, is_main_process
+from .errors import ConfigError, DataError, TrainingError
 from .losses import (
     REPULSIONS,
     AnchorSet,
@@ -191,7 +191,7 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
     """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
     then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None).
     Returns the losses ``(d_loss, g_adv, reg, distance)``, detached, on the device."""
-    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)  # noqa: E731  (D's view of a fake)
+    aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
     # D step: max_phi L_adv
     d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)

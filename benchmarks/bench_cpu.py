@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variants, load_gans, n_params  # noqa: E402
+from common import Variants, load_gans, n_params
 
-from agu_lib.losses import fisher_diagonal, fisher_diagonal_loop  # noqa: E402
-from agu_lib.models import build_gan  # noqa: E402
+from agu_lib.losses import fisher_diagonal, fisher_diagonal_loop
+from agu_lib.models import build_gan
 
 TARGETS = {"stage1_over_plain": 1.10, "stage2_k5_over_plain": 1.10, "fisher_vmap_speedup": 5.0}
 
@@ -162,7 +162,7 @@ def bench_widths(archs: dict, reps: int, inner: int, warmup: int) -> list[dict]:
 def machine() -> dict:
     model = platform.processor() or ""
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
             if line.startswith("Model name"):
                 model = line.split(":", 1)[1].strip()
     except OSError:

@@ -16,9 +16,9 @@ import torch
 
 from agu_lib.adapt import AdaptConfig, adapt_step
 from agu_lib.checkpoint import load_gan
+from agu_lib.data import third_party_dir
 from agu_lib.errors import CheckpointError
 from agu_lib.foreign import import_gan
-from agu_lib.data import third_party_dir
 from agu_lib.losses import REPULSIONS, fisher_diagonal, flatten_params, param_distance, prepare_anchors
 from agu_lib.models import GAN, build_gan, generator_params
 from agu_lib.training import FlatParams, TrainNets, adam, augment, sample_batch, sample_latent_batch
@@ -87,7 +87,7 @@ class Variants:
 
     def stage1(self):
         cfg = self.acfg
-        model, nets, flat, opt_g, opt_d, gen = self._setup(cfg)
+        _, nets, flat, opt_g, opt_d, gen = self._setup(cfg)
         latent, dev = self.gan.latent_dim, self.device
 
         def step():
@@ -109,7 +109,7 @@ class Variants:
         return self._unlearn_variant(replace(self.ucfg, method="ewc"), EWC(self.theta_g, self.fisher))
 
     def _unlearn_variant(self, cfg, reg):
-        model, nets, flat, opt_g, opt_d, gen = self._setup(cfg)
+        _, nets, flat, opt_g, opt_d, gen = self._setup(cfg)
         latent, dev = self.gan.latent_dim, self.device
 
         def step():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -38,7 +37,7 @@ def _job():
     images = gan.sample(48, seed=3)
     res = adapt(gan, images[:16], ADAPT, progress=False)
     out = unlearn(gan, images[16:], res.models, UNLEARN, progress=False)
-    theta = lambda g: flatten_params(generator_params(g)).detach()  # noqa: E731
+    theta = lambda g: flatten_params(generator_params(g)).detach()
     return {"adapted": torch.stack([theta(m) for m in res.models]), "unlearned": theta(out.gan),
             "log": torch.tensor([[r[k] for k in ("d_loss", "g_adv", "reg")] for r in out.log])}
 
