@@ -322,6 +322,26 @@ def cmd_table(args) -> None:
     print(f"wrote {args.out}/table.md, table.csv, table.json ({len(res['records'])} records)")
 
 
+def cmd_book(args) -> None:
+    """Build the tutorial book: tools/build_book.py in a source checkout (book/ is not packaged)."""
+    import subprocess
+    from pathlib import Path
+
+    from .errors import AguError
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tools" / "build_book.py"
+    if not (script.is_file() and (root / "book" / "_config.yml").is_file()):
+        raise ConfigError("agu book needs a source checkout of agu (book/, notebooks/ and tools/ are not installed "
+                          "with the package): git clone the repository and pip install -e '.[book]'")
+    cmd = [sys.executable, str(script), "--mode", args.mode] + (["--out", str(Path(args.out).resolve())] if args.out else [])
+    if args.no_execute:
+        cmd.append("--no-execute")
+    rc = subprocess.run(cmd, cwd=str(root), check=False).returncode
+    if rc != 0:
+        raise AguError(f"the book build failed (exit {rc}); the messages above say where")
+
+
 def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     from .pipeline import METHODS
     from .unlearn import DISTANCES
@@ -426,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default="digits", help="classifier directory or shipped name for the coverage checks (default: digits)")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("book", help="build the tutorial book (Jupyter Book 1): execute the notebooks, build HTML with -W")
+    p.add_argument("--mode", default="full", choices=["full", "ci"], help="notebook mode, passed as AGU_MODE (default: full)")
+    p.add_argument("--out", default=None, help="output folder (default: book/_build; HTML in OUT/_build/html)")
+    p.add_argument("--no-execute", action="store_true", help="do not execute the notebooks (stored outputs only)")
+    p.set_defaults(func=cmd_book)
 
     add_method_commands(sub)
     return parser

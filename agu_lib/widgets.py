@@ -10,7 +10,7 @@ ipywidgets is imported only when a widget is built (``pip install agu[notebooks]
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

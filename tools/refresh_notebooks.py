@@ -50,10 +50,17 @@ def execute(src: Path, dst: Path, mode: str = "ci", timeout: int = 900) -> float
     with the notebooks folder as working directory; returns the seconds it took."""
     import papermill as pm
 
+    before = os.environ.get("AGU_MODE")
     os.environ["AGU_MODE"] = mode  # inherited by the kernel
     t = time.perf_counter()
-    pm.execute_notebook(str(src), str(dst), cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
-                        execution_timeout=timeout, log_output=False)
+    try:
+        pm.execute_notebook(str(src), str(dst), cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+                            execution_timeout=timeout, log_output=False)
+    finally:
+        if before is None:
+            os.environ.pop("AGU_MODE", None)
+        else:
+            os.environ["AGU_MODE"] = before
     return time.perf_counter() - t
 
 

@@ -1,0 +1,209 @@
+"""The tutorial notebooks, their widgets and the book, checked without a browser.
+
+- the stored-output policy (only ``nbval-check-output`` cells keep outputs, text only) and the
+  structure every chapter shares (parameters cell with the AGU_MODE switch, >= 2 checked cells,
+  exercises with folded solutions, agu_lib imported rather than pasted);
+- ``agu_lib.widgets``: the picker and the gamma explorer driven by setting widget values;
+- the book's table of contents and the HTML check of tools/build_book.py.
+
+Executing the notebooks is CI's job (``AGU_MODE=ci pytest --nbval-lax --nbval-current-env notebooks/``
+and ``agu book --mode ci``); ``AGU_NOTEBOOK_EXEC=1`` also runs them here with papermill.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import build_book
+import refresh_notebooks
+
+NOTEBOOKS = refresh_notebooks.notebook_paths()
+CHAPTERS = ["01_pretrained_gan_and_feedback", "02_directions", "03_stage1_adaptation", "04_stage2_repulsion",
+            "05_evaluation", "06_feature_level"]
+IDS = [p.stem[:2] for p in NOTEBOOKS]
+
+
+def read(path):
+    return nbformat.read(path, as_version=4)
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_all_chapters_present():
+    assert [p.stem for p in NOTEBOOKS] == CHAPTERS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_stored_outputs_follow_the_policy(path):
+    nb = read(path)
+    nbformat.validate(nb)
+    assert set(nb.metadata) <= set(refresh_notebooks.KEEP_NB_METADATA)
+    checked = [c for c in code_cells(nb) if refresh_notebooks.is_checked(c)]
+    assert len(checked) >= 2, "at least two cells tagged nbval-check-output"
+    for cell in code_cells(nb):
+        assert set(cell.metadata) <= {"tags"}, f"cell metadata beyond tags: {cell.source[:60]!r}"
+        if refresh_notebooks.is_checked(cell):
+            assert cell.outputs, f"checked cell without stored output (run tools/refresh_notebooks.py): {cell.source[:60]!r}"
+            assert cell.execution_count is not None  # nbval refuses outputs of 'unrun' cells
+            for out in cell.outputs:
+                assert out.output_type in ("stream", "execute_result", "display_data"), out.output_type
+                assert out.get("name", "stdout") == "stdout", "no stderr in checked cells (warnings, progress bars)"
+                assert set(out.get("data", {})) <= set(refresh_notebooks.TEXT_KEYS), "checked cells store text only"
+        else:
+            assert cell.outputs == [] and cell.execution_count is None, f"unchecked cell keeps outputs: {cell.source[:60]!r}"
+    # the stored form is a fixed point of the tool that writes it
+    assert refresh_notebooks.apply_policy(copy.deepcopy(nb)) == nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_chapter_structure(path):
+    nb = read(path)
+    cells = code_cells(nb)
+    params = cells[0]
+    assert params.metadata.get("tags") == ["parameters"], "the first code cell is papermill's parameters cell"
+    assert 'MODE = os.environ.get("AGU_MODE", "full")' in params.source
+    code = "\n".join(c.source for c in cells)
+    assert "import agu_lib" in code or "from agu_lib" in code
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Exercises" in markdown
+    folded = ":class: dropdown" in markdown or any({"hide-cell", "hide-input"} & set(c.metadata.get("tags", [])) for c in cells)
+    assert folded, "solutions are folded in the book"
+    for c in cells:  # all code parses (no syntax slips in stored notebooks)
+        ast.parse(c.source)
+
+
+def _library_function_names() -> set[str]:
+    import importlib
+
+    names = set()
+    for mod in ("adapt", "unlearn", "losses", "metrics", "directions", "feedback", "pipeline", "plotting", "widgets"):
+        m = importlib.import_module(f"agu_lib.{mod}")
+        names |= {n for n, f in vars(m).items() if inspect.isfunction(f) and f.__module__ == m.__name__ and not n.startswith("_")}
+    return names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebooks_do_not_paste_library_code(path):
+    lib = _library_function_names()
+    for c in code_cells(read(path)):
+        for node in ast.walk(ast.parse(c.source)):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name not in lib, f"{path.name} redefines agu_lib's {node.name}; import it instead"
+
+
+def test_book_toc_lists_every_chapter_and_page():
+    yaml = pytest.importorskip("yaml")
+    toc = yaml.safe_load((ROOT / "book" / "_toc.yml").read_text())
+    files = [toc["root"], *(c["file"] for c in toc["chapters"])]
+    assert [f.split("/")[1] for f in files if f.startswith("notebooks/")] == CHAPTERS
+    for f in files:
+        if not f.startswith("notebooks/"):
+            assert (ROOT / "book" / f"{f}.md").is_file(), f
+    bib = (ROOT / "book" / "references.bib").read_text()
+    assert "2309.14054" in bib and "Elastic Weight Consolidation" in bib
+
+
+def test_check_html_finds_broken_images_and_errors(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "_images").mkdir()
+    (tmp_path / "_images" / "ok.png").write_bytes(b"\x89PNG")
+    (tmp_path / "notebooks" / "a.html").write_text('<img src="../_images/ok.png"><img src="../_images/missing.png">')
+    (tmp_path / "notebooks" / "b.html").write_text('<div class="output traceback highlight-ipythontb">x</div>')
+    problems = build_book.check_html(tmp_path, ["a", "b", "c"])
+    assert any("missing.png" in p for p in problems)
+    assert any("b.html: error output" in p for p in problems)
+    assert any("chapter b has no figure" in p for p in problems)
+    assert any("chapter c was not built" in p for p in problems)
+    assert not any("ok.png" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------------------
+# Widgets, driven headless
+
+
+@pytest.fixture
+def images():
+    return torch.linspace(-1, 1, 12 * 256).reshape(12, 1, 16, 16)
+
+
+def test_picker_clicks_become_a_manual_oracle(images):
+    pytest.importorskip("ipywidgets")
+    from agu_lib.errors import ConfigError, FeedbackError
+    from agu_lib.widgets import SamplePicker
+
+    picker = SamplePicker(images, ncols=4, scale=2)
+    assert picker.selected == [] and len(picker.buttons) == 12
+    picker.buttons[7].value = True  # a click
+    picker.buttons[2].value = True
+    picker.buttons[7].value = False  # a second click unselects
+    picker.buttons[9].value = True
+    assert picker.selected == [2, 9]
+    assert picker.status.value.startswith("2 of 12")
+    oracle = picker.oracle()
+    assert oracle(images).nonzero().flatten().tolist() == [2, 9]
+    assert torch.equal(picker.negatives, images[[2, 9]])
+    with pytest.raises(FeedbackError):
+        oracle(images.flip(0))  # a ManualOracle answers only for its batch
+    picker.select([0, 11])
+    assert [b.value for b in picker.buttons].count(True) == 2 and picker.selected == [0, 11]
+    with pytest.raises(ConfigError):
+        picker.select([12])
+    with pytest.raises(ConfigError):
+        picker.suggest()  # no suggest oracle given
+
+
+def test_picker_suggest_preselects_the_oracle_answer(images):
+    pytest.importorskip("ipywidgets")
+    from agu_lib.widgets import SamplePicker
+
+    bright = lambda x: x.flatten(1).mean(1) > 0.5
+    picker = SamplePicker(images, suggest=bright)
+    expected = bright(images).nonzero().flatten().tolist()
+    assert picker.suggest() == expected and picker.selected == expected
+    assert all(picker.buttons[i].button_style == "danger" for i in expected)
+
+
+def test_gamma_explorer_redraws_the_same_latents(tiny_gan):
+    pytest.importorskip("ipywidgets")
+    from agu_lib.directions import extrapolate
+    from agu_lib.widgets import GammaExplorer
+
+    adapted = tiny_gan.clone()
+    with torch.no_grad():
+        for p in adapted.generator.parameters():
+            p.add_(0.05)
+    z = tiny_gan.sample_latents(6, seed=3)
+    ex = GammaExplorer(tiny_gan, adapted, z, oracle=lambda x: x.flatten(1).mean(1) > 0, gammas=(0.0, 2.0, 0.5))
+    with torch.no_grad():
+        assert torch.allclose(ex.images, tiny_gan.generate(z))  # starts at gamma = 1: the original
+        ex.slider.value = 2.0  # a drag
+        assert torch.allclose(ex.images, extrapolate(tiny_gan, adapted, 2.0).generate(z))
+    assert ex.label.value.startswith("gamma = 2.00") and 0.0 <= ex.share <= 1.0
+    assert ex.image.value[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------
+# Opt-in: execute every notebook here (CI uses nbval and the book build instead)
+
+
+@pytest.mark.skipif(os.environ.get("AGU_NOTEBOOK_EXEC") != "1", reason="set AGU_NOTEBOOK_EXEC=1 to execute the notebooks")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_in_ci_mode_and_matches(path, tmp_path):
+    pytest.importorskip("papermill")
+    out = tmp_path / path.name
+    refresh_notebooks.execute(path, out, "ci")
+    assert refresh_notebooks.compare(read(path), read(out)) == []
