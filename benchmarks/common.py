@@ -25,18 +25,20 @@ from agu_lib.training import FlatParams, TrainNets, adam, augment, sample_batch,
 from agu_lib.unlearn import EWC, Repulsion, UnlearnConfig, unlearn_step
 
 
-def load_gans(device) -> dict[str, tuple[GAN, str]]:
-    """{name: (gan, where it came from)}: the shipped digits GAN and csinva's MNIST MLP GAN (when present)."""
+def load_gans(device, only: str | None = None) -> dict[str, tuple[GAN, str]]:
+    """{name: (gan, where it came from)}: the shipped digits GAN and csinva's MNIST MLP GAN (when
+    present); ``only`` loads just one of them."""
     gans = {}
-    try:
-        gans["digits"] = (load_gan("digits", device=device), "shipped digits GAN (load_gan('digits'))")
-    except CheckpointError:
-        torch.manual_seed(0)
-        gans["digits"] = (build_gan("dcgan", 32, (1, 16, 16), channels=64, d_channels=64).to(device),
-                          "digits architecture, random weights (no shipped checkpoint found)")
+    if only in (None, "digits"):
+        try:
+            gans["digits"] = (load_gan("digits", device=device), "shipped digits GAN (load_gan('digits'))")
+        except CheckpointError:
+            torch.manual_seed(0)
+            gans["digits"] = (build_gan("dcgan", 32, (1, 16, 16), channels=64, d_channels=64).to(device),
+                              "digits architecture, random weights (no shipped checkpoint found)")
     tp = third_party_dir()
     src = tp / "csinva_mnist_mlp_gan" if tp is not None else None
-    if src is not None and (src / "G--300.ckpt").is_file():
+    if only in (None, "mnist_mlp") and src is not None and (src / "G--300.ckpt").is_file():
         out = Path(tempfile.mkdtemp(prefix="agu-bench-")) / "mnist_mlp"
         import_gan("mlp", src / "G--300.ckpt", src / "D--300.ckpt", 64, (1, 28, 28), out)
         gans["mnist_mlp"] = (load_gan(out, device=device), "csinva MNIST MLP GAN (third party, imported)")
