@@ -131,6 +131,17 @@ def test_check_html_finds_broken_images_and_errors(tmp_path):
     assert not any("ok.png" in p for p in problems)
 
 
+def test_compare_sees_changed_checked_outputs():
+    nb = read(NOTEBOOKS[0])
+    ran = copy.deepcopy(nb)
+    assert refresh_notebooks.compare(nb, ran) == []
+    cell = next(c for c in ran.cells if refresh_notebooks.is_checked(c))
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="something else\n")]
+    assert len(refresh_notebooks.compare(nb, ran)) == 1
+    cell.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[])]
+    assert any("raised an error" in p for p in refresh_notebooks.compare(nb, ran))
+
+
 # ----------------------------------------------------------------------------------------
 # Widgets, driven headless
 

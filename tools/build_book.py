@@ -6,7 +6,7 @@ errors, and check the HTML (every image present, no error outputs).
 
 Steps (nothing in book/ or notebooks/ is modified):
 1. copy book/* and notebooks/NN_*.ipynb into ``<out>/_src`` (the notebooks under notebooks/);
-   append every results/*/table.md found to the staged results.md;
+   append every results/*/table.md found ($AGU_RESULTS_DIR overrides results/) to the staged results.md;
 2. execute each staged notebook in place with papermill, AGU_MODE = the mode (prints the seconds);
 3. ``jupyter-book build <out>/_src --path-output <out> -W`` (execution off: already done);
 4. check ``<out>/_build/html``: every <img> resolves, no traceback/error output, every chapter built.
@@ -15,6 +15,7 @@ Steps (nothing in book/ or notebooks/ is modified):
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refresh_notebooks import ROOT, execute, notebook_paths
 
 BOOK = ROOT / "book"
-RESULTS = ROOT / "results"
+RESULTS = Path(os.environ.get("AGU_RESULTS_DIR") or ROOT / "results")  # as in notebook 5
 
 
 def stage(src_dir: Path) -> list[Path]:

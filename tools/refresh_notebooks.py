@@ -159,7 +159,8 @@ def main(argv=None) -> int:
             else:
                 nbformat.write(apply_policy(nb, ran), src)
                 status = "refreshed"
-            print(f"{src.name:<40} {status:<10} {seconds:6.1f} s ({args.mode})", flush=True)
+            took = f"{seconds:6.1f} s ({args.mode})" if not args.executed else f"(executed: {ran_path})"
+            print(f"{src.name:<40} {status:<10} {took}", flush=True)
     if total:
         print(f"total {total:.1f} s")
     for f in failed:
