@@ -13,6 +13,7 @@ top-class confidence >= ``min_confidence``) have held for ``patience`` evaluatio
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -156,7 +157,7 @@ def pretrain(
         # ---- evaluate coverage on the fixed latents; keep the best snapshot; stop early
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             d_val, g_val = d_loss.item(), g_loss.item()
-            if not (torch.isfinite(torch.tensor(d_val)) and torch.isfinite(torch.tensor(g_val))):
+            if not (math.isfinite(d_val) and math.isfinite(g_val)):
                 raise TrainingError(f"pretraining diverged at iteration {it} (d_loss {d_val}, g_loss {g_val}); lower the learning rates")
             entry = {"iteration": it, "d_loss": round(d_val, 4), "g_loss": round(g_val, 4)}
             if classifier is not None:
