@@ -316,6 +316,9 @@ def cmd_table(args) -> None:
     gan, clf = _load_pair(args, device)
     real, _ = _real_without(args, gan, [])
     methods = args.methods or [m for m in TABLE_METHODS if real is not None or m != "retrain"]
+    if args.retrain_iters is not None:
+        cfg.retrain_iters = args.retrain_iters
+        cfg.validate()
     res = table(gan, clf, args.forget, list(range(args.seeds)), args.out, cfg, methods, real, device,
                 progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:])})
     print((__import__("pathlib").Path(args.out) / "table.md").read_text())
@@ -401,6 +404,7 @@ def add_method_commands(sub) -> None:
     _method_args(p)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--methods", nargs="+", default=None, help="rows (default: all, retrain when real data is at hand)")
+    p.add_argument("--retrain-iters", type=int, default=None, help="iterations of the from-scratch GAN (default: 3000)")
     p.set_defaults(func=cmd_table)
 
 

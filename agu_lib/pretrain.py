@@ -83,8 +83,12 @@ def pretrain(
     classifier=None,
     device="cpu",
     progress: bool = True,
+    like: GAN | None = None,
 ) -> tuple[GAN, dict]:
     """Train a GAN on ``dataset`` with coverage-based early stopping.
+
+    ``like``: train a fresh GAN of this GAN's architecture (arch, latent dim, arch_kwargs) instead of
+    the one described by ``config`` (used by the retraining baseline, e.g. for an imported MLP GAN).
 
     Arguments:
         dataset: training images ``(N, C, H, W)`` in [-1, 1] (labels unused).
@@ -111,7 +115,10 @@ def pretrain(
     # ---- setup: models, optimisers, fixed evaluation latents (all seeded)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # batches and noise are drawn on the CPU
-    gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
+    if like is not None:
+        gan = build_gan(like.arch, like.latent_dim, like.image_shape, **like.arch_kwargs).to(device)
+    else:
+        gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
     G, D = gan.generator, gan.discriminator
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))

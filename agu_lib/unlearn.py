@@ -7,10 +7,13 @@ are the same loop with another regulariser).
 with L_repulsion a function of the distances d_k = sum_i w_i (theta_i - theta_N,k,i)^2, maximal at
 theta_N (``losses.REPULSIONS``). Distances (``distance``):
 
-- ``fisher`` (default): w = F / mean(F), the Fisher of G at theta_G, so the distance counts the
+- ``fisher``: w = F / mean(F), the Fisher of G at theta_G, so the distance counts the
   parameters that move the output. Plain L2 repulsion mostly pushes output-irrelevant weights
   (Adam normalises each parameter's step, so every weight moves as fast as any other).
-- ``l2``: w = 1, the plain squared L2 of the paper's equation.
+- ``l2`` (default): w = 1, the plain squared L2 of the paper's equation. With the decoupled step
+  below it moves theta exactly along theta - theta_N; the weighted distances rescale each
+  coordinate's step by w_i (mean 1), and the Fisher's heavy tail (max/mean ~ 1e3) makes that step
+  unstable unless ``repulsion_lr`` is small.
 - ``per_tensor``: w = 1/(T n_t), the mean of per-tensor mean squared differences of the paper's code.
 
 With ``normalize_distance`` (default) d_k is divided by its value at the start, d_k(theta_G), so
@@ -83,15 +86,15 @@ class UnlearnConfig:
     method: str = "el2"  # el2 | nl2 | il2 (repulsion) or finetune | ewc (baselines)
     gamma: float = 1.0  # repulsion weight (> 0)
     alpha: float = 1.0  # EL2 sharpness: exp(-alpha d); with normalised d, 1 = "decays over the starting distance"
-    distance: str = "fisher"  # fisher | l2 | per_tensor (see module docstring)
+    distance: str = "l2"  # l2 | fisher | per_tensor (see module docstring); l2 = the paper's equation
     repulsion_mode: str = "decoupled"  # decoupled (own plain-gradient step) | loss (inside Adam, as in the paper)
     repulsion_lr: float = 0.005  # eta of the decoupled step: share of (theta - theta_N) added per step at gamma 1
     normalize_distance: bool = True  # d_k / d_k(theta_G): gamma and alpha transfer across models
     ewc_lambda: float = 10.0  # for method "ewc": weight of sum_i F_i (theta_i - theta_G,i)^2 (normalised F)
-    iters: int = 400  # training steps
+    iters: int = 1000  # training steps
     batch_size: int = 64
-    g_lr: float = 2e-4
-    d_lr: float = 2e-4
+    g_lr: float = 1e-4  # small: G should change only where D finds negatives (2e-4 worsened FID on digits)
+    d_lr: float = 1e-3  # large: D must learn quickly that negatives are not among the positives
     instance_noise: float = 0.0  # std of noise on D's inputs (positives are plentiful: none needed)
     augment_shift: int = 0
     fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
@@ -282,6 +285,8 @@ def unlearn(
     if repulsive:
         anchors = broadcast_(torch.stack([flatten_params(generator_params(a.to(device))).detach() for a in adapted]))  # (K, P)
         weights = distance_weights(model, cfg.distance, cfg.seed, cfg.fisher_samples)
+        if weights is not None and cfg.repulsion_mode == "decoupled":
+            weights = weights / weights.mean()  # the decoupled step moves coordinate i by rate * w_i * (...): mean(w) = 1
         weights = broadcast_(weights) if weights is not None else None  # (P,), rank 0's
         d0 = param_distance(theta_g, anchors, weights)  # (K,) distances at the start
         if not bool((d0 > 0).all()):
