@@ -8,6 +8,17 @@ from .models import GAN, build_gan, register_architecture
 __version__ = "0.1.0"
 
 __all__ = [
-    "GAN", "ImageSet", "build_gan", "register_architecture", "load_gan", "save_gan", "load_digits",
-    "AguError", "CheckpointError", "ConfigError", "DataError", "FeedbackError", "TrainingError",
+    "GAN",
+    "AguError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FeedbackError",
+    "ImageSet",
+    "TrainingError",
+    "build_gan",
+    "load_digits",
+    "load_gan",
+    "register_architecture",
+    "save_gan",
 ]

@@ -7,6 +7,8 @@ the paper observes, quality with it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
@@ -18,7 +20,7 @@ from .models import GAN
 def extrapolate(original: GAN, adapted: GAN, gamma: float) -> GAN:
     """A new GAN at ``theta_N + gamma (theta_G - theta_N)``; with several adapted GANs pass their
     mean (``mean_gan``). ``gamma = 1`` returns the original's parameters exactly."""
-    if not isinstance(gamma, (int, float)) or gamma != gamma:
+    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ConfigError(f"gamma must be a number, got {gamma!r}")
     out = original.clone()
     sd_g, sd_n = original.state_dict(), adapted.state_dict()

@@ -12,8 +12,8 @@ An oracle is any callable ``images (N, C, H, W) -> bool tensor (N,)`` (True = ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

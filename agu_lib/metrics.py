@@ -9,8 +9,8 @@ not Inception's: no Inception weights are available offline. Every output names 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

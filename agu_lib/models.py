@@ -10,8 +10,9 @@ Conventions used everywhere in agu_lib:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class MLPGenerator(nn.Module):
         self.image_shape = tuple(image_shape)
         dims = [latent_dim, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers += [nn.Linear(dims[-1], math.prod(self.image_shape)), nn.Tanh()]
         self.layers = nn.Sequential(*layers)
@@ -50,7 +51,7 @@ class MLPDiscriminator(nn.Module):
         super().__init__()
         dims = [math.prod(image_shape), *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
+        for a, b in itertools.pairwise(dims):
             layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
         layers += [nn.Linear(dims[-1], 1)]
         self.layers = nn.Sequential(*layers)
@@ -228,7 +229,7 @@ class GAN(nn.Module):
         z = self.sample_latents(n, seed)
         return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
 
-    def clone(self) -> "GAN":
+    def clone(self) -> GAN:
         """An independent deep copy (same device)."""
         return copy.deepcopy(self)
 

@@ -397,10 +397,10 @@ def write_table(result: dict, out) -> Path:
 
     classes = result["classes"]
     head = "| method | " + " | ".join(f"class {c}" for c in classes) + " |\n|---|" + "---|" * len(classes) + "\n"
-    md = [f"PUL % / FID / Ret-FID, mean ± std over seeds {result['seeds']}. "
-          f"FID features: {result['feature_network']}; FID is against real data without the class.\n", head]
-    md2 = ["\nQuality and collateral: FID to the original GAN's positives relative to the original GAN's "
-           "(target <= 0.25) / retained-class total variation (target <= 0.05) / seconds.\n", head]
+    md = [(f"PUL % / FID / Ret-FID, mean ± std over seeds {result['seeds']}. "
+           f"FID features: {result['feature_network']}; FID is against real data without the class.\n"), head]
+    md2 = [("\nQuality and collateral: FID to the original GAN's positives relative to the original GAN's "
+            "(target <= 0.25) / retained-class total variation (target <= 0.05) / seconds.\n"), head]
     for method in ["original", *result["methods"]]:
         name = TABLE_NAMES.get(method, "Original GAN")
         md.append(f"| {name} | " + " | ".join(
