@@ -197,6 +197,13 @@ def _real_without(args, gan, forget):
     return real, (real.without(forget).images if forget else real.images)
 
 
+#: command-line flag -> (stage config, field) it sets
+CONFIG_FLAGS = [
+    ("alpha", "unlearn", "alpha"), ("distance", "unlearn", "distance"), ("iters", "unlearn", "iters"),
+    ("adapt_iters", "adapt", "iters"), ("k", "adapt", "n_models"), ("lam", "adapt", "ewc_lambda"),
+]
+
+
 def _run_config(args):
     from .pipeline import RunConfig
 
@@ -206,18 +213,9 @@ def _run_config(args):
             cfg.extrapolate_gamma = args.gamma
         else:
             cfg.unlearn.gamma = args.gamma
-    if args.alpha is not None:
-        cfg.unlearn.alpha = args.alpha
-    if args.distance is not None:
-        cfg.unlearn.distance = args.distance
-    if args.iters is not None:
-        cfg.unlearn.iters = args.iters
-    if args.adapt_iters is not None:
-        cfg.adapt.iters = args.adapt_iters
-    if args.k is not None:
-        cfg.adapt.n_models = args.k
-    if args.lam is not None:
-        cfg.adapt.ewc_lambda = args.lam
+    for flag, stage, field in CONFIG_FLAGS:  # a flag given on the command line overrides the default
+        if getattr(args, flag) is not None:
+            setattr(getattr(cfg, stage), field, getattr(args, flag))
     if getattr(args, "compile", False):
         cfg.adapt.compile = cfg.unlearn.compile = True
     if getattr(args, "checkpoint_every", None) is not None:

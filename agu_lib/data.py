@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import sha256_file
 from .errors import ConfigError, DataError
 
 DIGITS_SIZE = 16  # working resolution of the digits data set and the shipped GAN
@@ -228,14 +228,6 @@ def _urllib_fetch(url: str, dest: Path) -> None:
         shutil.copyfileobj(r, f)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_mnist(cache_dir, split: str = "test", fetch: Callable[[str, Path], None] | None = None) -> Path:
     """Download the two ``.gz`` IDX files of an MNIST split into ``cache_dir`` and return it.
 
@@ -255,7 +247,7 @@ def download_mnist(cache_dir, split: str = "test", fetch: Callable[[str, Path], 
     for stem in _mnist_files(split):
         name = f"{stem}.gz"
         dest, want = cache_dir / name, MNIST_SHA256[name]
-        if dest.is_file() and _sha256(dest) == want:
+        if dest.is_file() and sha256_file(dest) == want:
             continue
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache_dir)
         os.close(fd)
@@ -273,7 +265,7 @@ def download_mnist(cache_dir, split: str = "test", fetch: Callable[[str, Path], 
                     f"could not download {name}: " + "; ".join(errors) + ". Without internet, copy the MNIST "
                     f".gz files into {cache_dir} by hand (or set $AGU_MNIST_DIR to a folder holding them)"
                 )
-            got = _sha256(tmp)
+            got = sha256_file(tmp)
             if got != want:
                 raise DataError(
                     f"downloaded {name} has SHA-256 {got[:16]}..., expected {want[:16]}...: the download is "
