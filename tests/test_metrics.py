@@ -1,0 +1,93 @@
+"""Metrics: PUL, FID, retained-class TV, precision/recall, the registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agu_lib.errors import ConfigError
+from agu_lib.feedback import PredicateOracle
+from agu_lib.metrics import (
+    METRICS,
+    class_shares,
+    evaluate,
+    fid_from_features,
+    frechet_distance,
+    knn_precision_recall,
+    make_context,
+)
+
+
+def test_frechet_distance_of_known_gaussians():
+    d = 4
+    mu1, mu2 = np.zeros(d), np.full(d, 2.0)
+    s1, s2 = np.eye(d), 4 * np.eye(d)
+    # ||mu1-mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) = 16 + 4 + 16 - 2*8 = 20
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(20.0, abs=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_small_for_same_distribution_large_for_shifted():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, 8, generator=g), torch.randn(4000, 8, generator=g)
+    assert fid_from_features(a, b) < 0.05
+    assert fid_from_features(a, b + 1.0) == pytest.approx(8.0, rel=0.05)
+
+
+def test_precision_recall():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=g)
+    p, r = knn_precision_recall(real, torch.randn(500, 2, generator=g))
+    assert p > 0.8 and r > 0.8
+    p, r = knn_precision_recall(real, torch.randn(500, 2, generator=g) + 10)
+    assert p == 0.0 and r == 0.0
+
+
+def test_class_shares_exclude():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    s = class_shares(labels, 3, exclude=[1])
+    assert torch.allclose(s, torch.tensor([0.4, 0.0, 0.6], dtype=torch.float64))
+
+
+def _bright(x):
+    return x.flatten(1).mean(1) > 0
+
+
+def test_pul_is_100_for_a_gan_that_never_produces_the_feature(tiny_gan):
+    oracle = PredicateOracle(_bright)
+    with torch.no_grad():  # make the original half bright, the "unlearned" one all dark
+        tiny_gan.generator.blocks[-2].bias.fill_(0.0)
+    ctx = make_context(tiny_gan, oracle, 200, seed=0)
+    dark = tiny_gan.clone()
+    with torch.no_grad():
+        dark.generator.blocks[-2].bias.fill_(-50.0)  # tanh(-50) = -1 everywhere
+    assert ctx.orig_negative.sum() > 0
+    out = evaluate(dark, ctx, ["pul", "negative_share"])
+    assert out["pul"] == 100.0 and out["negative_share"] == 0.0
+    same = evaluate(tiny_gan, ctx, ["pul"])
+    assert same["pul"] == 0.0
+
+
+def test_shipped_gan_metrics_against_itself():
+    from agu_lib import load_gan
+    from agu_lib.classifier import load_classifier
+    from agu_lib.data import load_digits
+    from agu_lib.feedback import ClassifierOracle
+
+    gan, clf = load_gan("digits"), load_classifier("digits")
+    real = load_digits().without([1]).images
+    ctx = make_context(gan, ClassifierOracle(clf, [1]), 2000, seed=5, classifier=clf, forget=[1], real_images=real)
+    m = evaluate(gan, ctx)
+    assert m["pul"] == 0.0 and m["retained_tv"] == 0.0
+    assert 0.04 < m["negative_share"] < 0.12  # the shipped GAN makes ~8% ones
+    assert m["fid_positives"] > 1.0  # the original still holds the ones the positives lack
+    assert 0.3 < m["precision"] <= 1.0 and 0.3 < m["recall"] <= 1.0  # measured 0.45 / recall above 0.3
+    assert abs(sum(m[f"share_{c}"] for c in range(10)) - 1.0) < 1e-6
+    assert m["dist_to_original"] == 0.0
+
+
+def test_unknown_metric_lists_valid(tiny_gan):
+    ctx = make_context(tiny_gan, PredicateOracle(_bright), 20, seed=0)
+    with pytest.raises(ConfigError, match="valid: " + ", ".join(METRICS)):
+        evaluate(tiny_gan, ctx, ["fud"])
