@@ -42,3 +42,16 @@ def test_table_writes_markdown_csv_json(tmp_path):
     assert methods == {"finetune", "extrapolate", "el2", "original", "adapted"}
     assert len([r for r in res["records"] if r["method"] == "el2"]) == 2  # one per seed
     assert (out / "table.csv").read_text().startswith("class,seed,method,")
+
+
+def test_feature_level_run_with_a_predicate(tmp_path):
+    """--bold forgets 'bold strokes' (a predicate oracle); PUL is measured with the same predicate."""
+    out = tmp_path / "bold"
+    args = ["run", "digits", "--bold", "80", "--classifier", "digits", "--out", str(out), "--iters", "20", "--adapt-iters", "150",
+            "--n-samples", "1000", "--n-eval", "500", "--quiet", "--device", "cpu"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["oracle"].startswith("bold strokes: ink mass >")
+    assert 0.15 < m["original"]["negative_share"] < 0.25  # the top 20% by ink mass
+    assert "pul" in m["unlearned"] and "fid_positives" in m["unlearned"]
+    assert m["adapted"]["negative_share"] > 0.6  # 150 steps of stage 1 make mostly bold strokes (measured 0.92)
