@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variants, load_gans, n_params
+from common import Variants, load_gans, n_params, write_json
 
 from agu_lib.losses import fisher_diagonal, fisher_diagonal_loop, fisher_diagonal_vmap
 from agu_lib.models import build_gan
@@ -260,9 +260,7 @@ def main(argv=None) -> int:
     print(f"targets met: {json.dumps(result['targets_met'])}")
     print(f"total {result['seconds']} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return 0
 
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         print("bench_gpu: no CUDA GPU on this machine (torch.cuda.is_available() is False); nothing to measure. "
               "Run it on a machine with an NVIDIA GPU; for the CPU use benchmarks/bench_cpu.py")
         return 0
-    from common import Variants, load_gans, n_params
+    from common import Variants, load_gans, n_params, write_json
 
     from agu_lib.losses import fisher_diagonal, fisher_diagonal_loop
 
@@ -110,9 +110,7 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return 0
 
 

@@ -25,6 +25,15 @@ from agu_lib.training import FlatParams, TrainNets, adam, augment, sample_batch,
 from agu_lib.unlearn import EWC, Repulsion, UnlearnConfig, unlearn_step
 
 
+def write_json(result: dict, path) -> None:
+    """Write a benchmark's result dict as JSON (creating the folder) and say so."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def load_gans(device, only: str | None = None) -> dict[str, tuple[GAN, str]]:
     """{name: (gan, where it came from)}: the shipped digits GAN and csinva's MNIST MLP GAN (when
     present); ``only`` loads just one of them."""
