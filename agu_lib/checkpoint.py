@@ -119,6 +119,9 @@ class atomic_dir:
         check_replaceable(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should be like any new folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -35,6 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only results")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; use 1 when other jobs share the cores)")
 
 
 def cmd_info(args) -> None:
@@ -465,6 +467,10 @@ def main(argv=None) -> int:
     try:
         from .distributed import init_from_env
 
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)
         args.func(args)
     except AguError as e:

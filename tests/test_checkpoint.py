@@ -192,3 +192,15 @@ def test_unknown_name_lists_shipped_names(tmp_path, monkeypatch):
     monkeypatch.setenv("AGU_DATA_DIR", str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match=r"\(none shipped\)"):
         resolve("nosuch")
+
+
+def test_saved_directories_follow_the_umask(tiny_gan, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_gan(tiny_gan, tmp_path / "g")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "g").st_mode) == 0o755

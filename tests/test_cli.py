@@ -63,3 +63,14 @@ def test_train_classifier_without_mnist_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+def test_threads_flag(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "g.png"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "g.png"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
