@@ -72,6 +72,12 @@ class RunConfig:
         self.unlearn.validate(self.adapt.n_models if self.method in NEEDS_ADAPTED else 0)
 
 
+def needed_negatives(cfg: RunConfig, methods) -> int:
+    """Fewest negatives the feedback draw must hold: enough to adapt a GAN when a method uses the
+    adapted GANs, else one (with none, there is nothing to forget and PUL is undefined)."""
+    return min(cfg.adapt.n_negatives, MIN_NEGATIVES) if any(m in NEEDS_ADAPTED for m in methods) else 1
+
+
 def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, device, progress: bool) -> GAN:
     """The gold standard: a GAN of ``like``'s architecture trained from scratch on ``real``
     (real data without the forgotten class), with the pretraining loop."""
@@ -146,7 +152,7 @@ def run(
 
     # 1. feedback: draw once, split into negatives / positives
     t = time.perf_counter()
-    fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=min(cfg.adapt.n_negatives, MIN_NEGATIVES))
+    fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=needed_negatives(cfg, [cfg.method]))
     times["feedback"] = time.perf_counter() - t
 
     # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
@@ -258,8 +264,8 @@ def adapt_or_reload(gan: GAN, negatives, cfg: AdaptConfig, state: Path, device, 
     """Stage 1, or its result saved in ``state`` by an interrupted run (saved there when done)."""
     done = state / "adapted.json"
     if done.is_file():
-        n = json.loads(done.read_text())["n_models"]
-        return [load_gan(state / f"adapted-{k}", device=device).eval() for k in range(n)], json.loads(done.read_text())["logs"]
+        record = json.loads(done.read_text())
+        return [load_gan(state / f"adapted-{k}", device=device).eval() for k in range(record["n_models"])], record["logs"]
     res = adapt(gan, negatives, cfg, device=device, progress=progress)
     if is_main_process():  # under torchrun, rank 0 writes
         for k, model in enumerate(res.models):
@@ -337,7 +343,7 @@ def table(
             cfg = RunConfig(**{**asdict(base), "adapt": AdaptConfig(**{**asdict(base.adapt), "seed": seed}),
                                "unlearn": UnlearnConfig(**asdict(base.unlearn)), "seed": seed})
             t = time.perf_counter()
-            fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=min(cfg.adapt.n_negatives, MIN_NEGATIVES))
+            fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=needed_negatives(cfg, methods))
             adapted = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress).models \
                 if any(m in NEEDS_ADAPTED for m in methods) else []
             t_adapt = time.perf_counter() - t

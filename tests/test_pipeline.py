@@ -55,3 +55,11 @@ def test_feature_level_run_with_a_predicate(tmp_path):
     assert 0.15 < m["original"]["negative_share"] < 0.25  # the top 20% by ink mass
     assert "pul" in m["unlearned"] and "fid_positives" in m["unlearned"]
     assert m["adapted"]["negative_share"] > 0.6  # 150 steps of stage 1 make mostly bold strokes (measured 0.92)
+
+
+def test_methods_without_stage_1_need_only_one_negative():
+    from agu_lib.pipeline import RunConfig, needed_negatives
+
+    cfg = RunConfig()
+    assert needed_negatives(cfg, ["el2"]) == 8 and needed_negatives(cfg, ["finetune", "extrapolate"]) == 8
+    assert needed_negatives(cfg, ["finetune"]) == needed_negatives(cfg, ["ewc", "retrain"]) == 1
