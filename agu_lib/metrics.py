@@ -135,6 +135,8 @@ def make_context(
 
 def _outputs(gan: GAN, ctx: EvalContext) -> dict:
     """Images, oracle answers, labels and features of ``gan`` on the evaluation latents (cached per call of evaluate)."""
+    if gan is ctx.original:  # computed once by make_context
+        return {"gan": gan, "negative": ctx.orig_negative, "labels": ctx.orig_labels, "features": ctx.orig_features}
     if ctx._current.get("gan") is not gan:
         x = generate_batched(gan, ctx.z)
         out = {"gan": gan, "images": x, "negative": ctx.oracle(x)}
