@@ -146,6 +146,7 @@ def adapt(
             if row and progress:
                 bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")
         log.flush(cfg.iters - 1)
+        flat.release()
 
         # --- save: keep the adapted model ---------------------------------------------------
         model.eval()

@@ -149,7 +149,9 @@ def write_json_atomic(path, obj) -> None:
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    """A module's tensors, each with its own storage (a training loop may hold the parameters as views
+    of one flat buffer, ``training.FlatParams``; safetensors refuses tensors that share memory)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def save_tensor_dir(path, tensors: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:

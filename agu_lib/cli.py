@@ -203,6 +203,8 @@ def _real_without(args, gan, forget):
 CONFIG_FLAGS = [
     ("alpha", "unlearn", "alpha"), ("distance", "unlearn", "distance"), ("iters", "unlearn", "iters"),
     ("adapt_iters", "adapt", "iters"), ("k", "adapt", "n_models"), ("lam", "adapt", "ewc_lambda"),
+    ("unlearn_g_lr", "unlearn", "g_lr"), ("negative_weight", "unlearn", "negative_weight"),
+    ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
 ]
 
 
@@ -283,7 +285,8 @@ def cmd_unlearn(args) -> None:
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
     fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101)
-    res = unlearn(gan, fb.positives, adapted, ucfg, device=device, progress=not args.quiet)
+    res = unlearn(gan, fb.positives, adapted, ucfg, device=device, progress=not args.quiet,
+                  positive_latents=fb.positive_latents, negative_latents=fb.negative_latents)
     save_gan(res.gan, args.out, step=ucfg.iters, extra={"log": res.log})
     print(f"wrote {args.out} ({ucfg.method}, {ucfg.iters} iterations; last losses {res.log[-1] if res.log else {}})")
 
@@ -360,6 +363,13 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--alpha", type=float, default=None, help="EL2 sharpness")
     p.add_argument("--distance", default=None, choices=DISTANCES, help="parameter distance of the repulsion")
     p.add_argument("--iters", type=int, default=None, help="stage-2 iterations")
+    p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-4)")
+    p.add_argument("--negative-weight", type=float, default=None,
+                   help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 0: off)")
+    p.add_argument("--negative-latent-weight", type=float, default=None,
+                   help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 0)")
+    p.add_argument("--preserve-weight", type=float, default=None,
+                   help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 0)")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")

@@ -98,6 +98,8 @@ class Feedback:
     negatives: torch.Tensor  # (n_neg, C, H, W)
     positives: torch.Tensor  # (n_pos, C, H, W)
     negative_share: float  # share of negatives among all drawn samples
+    positive_latents: torch.Tensor | None = None  # (n_pos, latent_dim): the latents behind the positives
+    negative_latents: torch.Tensor | None = None  # (n_neg, latent_dim)
 
 
 @torch.no_grad()
@@ -107,7 +109,9 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     Raises ``FeedbackError`` when fewer than ``min_negatives`` negatives come out, naming the
     measured share and what to do.
     """
-    x = gan.sample(n_samples, seed=seed, batch_size=batch_size).cpu()
+    z = gan.sample_latents(n_samples, seed)  # as gan.sample, keeping the latents
+    x = torch.cat([gan.generate(zb) for zb in z.split(batch_size)]).cpu()
+    z = z.cpu()
     neg = oracle(x)
     share = float(neg.float().mean())
     if int(neg.sum()) < min_negatives:
@@ -119,4 +123,4 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
             "(agu adapt --negatives DIR, then agu unlearn --adapted). A share this small can also mean the GAN "
             "hardly ever makes what you want to forget: look at its samples (agu sample) and check the class"
         )
-    return Feedback(x[neg], x[~neg], share)
+    return Feedback(x[neg], x[~neg], share, z[~neg], z[neg])

@@ -24,6 +24,16 @@ def d_logistic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tor
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+# L_neg = E_neg[softplus(D(x))]: known negatives are fakes for D (negative data augmentation)
+def d_negative_loss(negative_logits: torch.Tensor) -> torch.Tensor:
+    return F.softplus(negative_logits).mean()
+
+
+# L_keep = mean over the batch and pixels of (G(z_pos) - x_pos)^2, x_pos = G_original(z_pos)
+def preserve_loss(generated: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    return (generated - original).pow(2).mean()
+
+
 # L_G = E_z[softplus(-D(G(z)))]                                   (non-saturating)
 def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()
@@ -246,11 +256,21 @@ def anchor_pull(wu: torch.Tensor, anchors: AnchorSet, c: torch.Tensor, out=None)
     return out.addmv_(anchors.wb.t(), c, alpha=-1)
 
 
-# c_k = -dL_rep/dd_k   (EL2: alpha exp(-alpha d_k); NL2: 1; IL2: 1/d_k^2), by autograd on the (K,) vector
+# c_k = -dL_rep/dd_k   (EL2: alpha exp(-alpha d_k); NL2: 1; IL2: 1/d_k^2): in closed form for the
+# three repulsions below (a step then costs a few (K,) operations), by autograd on the (K,) vector for any other
 def repulsion_slopes(d: torch.Tensor, repulsion, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L_rep(d), -dL_rep/dd)`` for distances ``d`` ``(K,)``: a scalar and ``(K,)``, detached."""
+    d = d.detach()
+    if repulsion is repulsion_el2:
+        e = torch.exp(-kwargs.get("alpha", 1.0) * d)
+        return e.sum(), kwargs.get("alpha", 1.0) * e
+    if repulsion is repulsion_nl2:
+        return -d.sum(), torch.ones_like(d)
+    if repulsion is repulsion_il2:
+        inv = 1.0 / d
+        return inv.sum(), inv * inv
     with torch.enable_grad():
-        leaf = d.detach().requires_grad_(True)
+        leaf = d.requires_grad_(True)
         value = repulsion(leaf, **kwargs)
         (slope,) = torch.autograd.grad(value, leaf)
     return value.detach(), -slope

@@ -41,6 +41,12 @@ METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
 NEEDS_ADAPTED = REPULSION_METHODS + ("extrapolate",)
 
 
+def uses_adapted(method: str, cfg: RunConfig) -> bool:
+    """Whether ``method`` needs stage 1: the repulsions and extrapolation always; the fine-tuning
+    baselines when stage 2 takes the adapted GANs' samples as extra fakes (``negative_weight``)."""
+    return method in NEEDS_ADAPTED or (method in FINETUNE_METHODS and cfg.unlearn.negative_weight > 0)
+
+
 @dataclass
 class RunConfig:
     """Settings of one ``agu run``; the stage configs hold the stages' own settings."""
@@ -69,13 +75,13 @@ class RunConfig:
             raise ConfigError("RunConfig.adapt must be an AdaptConfig and RunConfig.unlearn an UnlearnConfig")
         self.unlearn.method = self.method if self.method in REPULSION_METHODS + FINETUNE_METHODS else self.unlearn.method
         self.adapt.validate()
-        self.unlearn.validate(self.adapt.n_models if self.method in NEEDS_ADAPTED else 0)
+        self.unlearn.validate(self.adapt.n_models if uses_adapted(self.method, self) else 0)
 
 
 def needed_negatives(cfg: RunConfig, methods) -> int:
     """Fewest negatives the feedback draw must hold: enough to adapt a GAN when a method uses the
     adapted GANs, else one (with none, there is nothing to forget and PUL is undefined)."""
-    return min(cfg.adapt.n_negatives, MIN_NEGATIVES) if any(m in NEEDS_ADAPTED for m in methods) else 1
+    return min(cfg.adapt.n_negatives, MIN_NEGATIVES) if any(uses_adapted(m, cfg) for m in methods) else 1
 
 
 def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, device, progress: bool) -> GAN:
@@ -89,13 +95,14 @@ def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, d
     return gan
 
 
-def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress,
+def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress, latents=(None, None),
                  state_dir=None) -> tuple[GAN, list]:
     """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining).
     ``state_dir``: resumable checkpoints of ``unlearn`` (repulsion and fine-tuning methods)."""
     if method in REPULSION_METHODS + FINETUNE_METHODS:
         ucfg = UnlearnConfig(**{**asdict(cfg.unlearn), "method": method, "seed": cfg.seed})
-        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress, state_dir=state_dir)
+        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress, state_dir=state_dir,
+                      positive_latents=latents[0], negative_latents=latents[1])
         return res.gan, res.log
     if method == "extrapolate":
         return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), []
@@ -158,7 +165,7 @@ def run(
     # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
     adapted: list[GAN] = []
     logs: dict = {}
-    if cfg.method in NEEDS_ADAPTED:
+    if uses_adapted(cfg.method, cfg):
         t = time.perf_counter()
         adapted, logs["adapt"] = adapt_or_reload(gan, fb.negatives, cfg.adapt, state, device, progress)
         times["adapt"] = time.perf_counter() - t
@@ -166,6 +173,7 @@ def run(
     # 3. stage 2 (or the baseline)
     t = time.perf_counter()
     result, log = apply_method(cfg.method, gan, fb.positives, adapted, cfg, real_without, device, progress,
+                               latents=(fb.positive_latents, fb.negative_latents),
                                state_dir=state / "unlearn")
     if log:
         logs["unlearn"] = log
@@ -345,7 +353,7 @@ def table(
             t = time.perf_counter()
             fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=needed_negatives(cfg, methods))
             adapted = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress).models \
-                if any(m in NEEDS_ADAPTED for m in methods) else []
+                if any(uses_adapted(m, cfg) for m in methods) else []
             t_adapt = time.perf_counter() - t
             if "retrain" in methods and seed == seeds[0]:  # once per class: the Ret-FID reference of every seed
                 t = time.perf_counter()
@@ -359,8 +367,9 @@ def table(
                 if method == "retrain":
                     result, seconds = retrained, t_retrain
                 else:
-                    result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress)
-                    seconds = time.perf_counter() - t + (t_adapt if method in NEEDS_ADAPTED else 0.0)
+                    result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress,
+                                             latents=(fb.positive_latents, fb.negative_latents))
+                    seconds = time.perf_counter() - t + (t_adapt if uses_adapted(method, cfg) else 0.0)
                 m = evaluate(result, ctx)
                 m["fid_positives_ratio"] = m["fid_positives"] / original["fid_positives"]
                 records.append({"class": cls, "seed": seed, "method": method, "seconds": seconds, **m})

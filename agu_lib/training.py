@@ -17,7 +17,7 @@ from torch import nn
 
 from .distributed import shard_rows, world_size, wrap_ddp
 from .errors import ConfigError, TrainingError
-from .losses import d_logistic_loss, g_nonsaturating_loss
+from .losses import d_logistic_loss, d_negative_loss, g_nonsaturating_loss
 
 
 def augment(x: torch.Tensor, shift: int, noise: float, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -37,11 +37,16 @@ def adam(params, lr: float, betas=(0.5, 0.99)) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
+def sample_index(n: int, batch_size: int, gen: torch.Generator, device) -> torch.Tensor:
+    """``batch_size`` indices in ``[0, n)`` drawn uniformly with replacement, for the global batch;
+    with several processes, this process's shard of them, on ``device``."""
+    return to_device(shard_rows(torch.randint(0, n, (batch_size,), generator=gen)), device)
+
+
 def sample_batch(pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     """``batch_size`` rows of ``pool`` drawn uniformly with replacement (pool stays on its device);
     with several processes, this process's shard of them."""
-    idx = torch.randint(0, len(pool), (batch_size,), generator=gen)
-    return pool[to_device(shard_rows(idx), pool.device)]
+    return pool[sample_index(len(pool), batch_size, gen, pool.device)]
 
 
 def sample_latent_batch(batch_size: int, latent_dim: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -111,13 +116,18 @@ class TrainNets:
                 p.requires_grad_(True)
 
 
-def d_step(nets: TrainNets, opt_d, real: torch.Tensor, z: torch.Tensor, aug, device, amp: bool) -> torch.Tensor:
-    """D's step, max_phi L_adv, on one batch: L_D = E_real[softplus(-D(x))] + E_z[softplus(D(G(z)))].
-    ``real`` is already augmented; ``aug`` augments the fakes. Returns L_D (detached, on the device)."""
+def d_step(nets: TrainNets, opt_d, real: torch.Tensor, z: torch.Tensor, aug, device, amp: bool,
+           negatives: torch.Tensor | None = None, negative_weight: float = 0.0) -> torch.Tensor:
+    """D's step, max_phi L_adv, on one batch: L_D = E_real[softplus(-D(x))] + E_z[softplus(D(G(z)))]
+    (+ negative_weight * E_neg[softplus(D(x_neg))] when known ``negatives`` are given: samples D must
+    call fake). ``real`` and ``negatives`` are already augmented; ``aug`` augments the fakes.
+    Returns L_D (detached, on the device)."""
     with autocast(device, amp):
         with torch.no_grad():  # G's output is a constant in D's step: no graph through G
             fake = nets.generate(z)
         d_loss = d_logistic_loss(nets.discriminate(real), nets.discriminate(aug(fake)))
+        if negatives is not None and negative_weight > 0:
+            d_loss = d_loss + negative_weight * d_negative_loss(nets.discriminate(negatives))
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -137,10 +147,15 @@ def g_backward(nets: TrainNets, opt_g, z: torch.Tensor, aug, device, amp: bool) 
 
 class FlatParams:
     """A list of parameters seen as one flat vector theta ``(P,)`` (the order of ``flatten_params``),
-    with its buffers allocated once, so a penalty costs a few passes over P floats and no allocation:
+    with its buffers allocated once, so a penalty costs a few passes over P floats and no allocation.
 
-    - ``read()``: theta, copied into a preallocated buffer (one ``cat``, no autograd graph);
-    - ``add_(v, alpha)``: theta += alpha * v, in place (one foreach op over the tensors);
+    On contiguous float32 parameters (always on the CPU), the parameters' storage is moved into that one buffer (each parameter becomes a view of its
+    slice: same Parameter objects, same values, the optimiser sees no difference), so theta is read
+    without a copy and a step on theta is one vector operation. ``release()`` gives every parameter
+    its own storage back (before saving: safetensors refuses tensors that share memory).
+
+    - ``read()``: theta (the live buffer, not a copy: read-only for callers);
+    - ``add_(v, alpha)``: theta += alpha * v, in place;
     - ``add_to_grad_(v, alpha)``: grad += alpha * v (after backward, before the optimiser step);
     - ``scratch``: two preallocated ``(P,)`` buffers for the penalties' intermediate vectors.
     """
@@ -149,7 +164,13 @@ class FlatParams:
         self.params = [p for p in params if p.requires_grad]
         sizes = [p.numel() for p in self.params]
         like = self.params[0]
-        self.theta = torch.empty(sum(sizes), dtype=torch.float32, device=like.device)
+        # parameters in another memory format (channels_last on CUDA) keep their storage: theta is then a copy
+        self.bound = all(p.dtype == torch.float32 and p.device == like.device and p.is_contiguous() for p in self.params)
+        with torch.no_grad():
+            self.theta = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+            if self.bound:
+                for p, v in zip(self.params, self.theta.split(sizes)):
+                    p.data = v.view_as(p)
         self.scratch = (torch.empty_like(self.theta), torch.empty_like(self.theta))
         self._sizes = sizes
 
@@ -157,12 +178,17 @@ class FlatParams:
         return [t.view(p.shape) for t, p in zip(v.split(self._sizes), self.params)]
 
     def read(self) -> torch.Tensor:
+        if self.bound:
+            return self.theta
         with torch.no_grad():
             return torch.cat([p.reshape(-1) for p in self.params], out=self.theta)
 
     def add_(self, v: torch.Tensor, alpha: float = 1.0) -> None:
         with torch.no_grad():
-            torch._foreach_add_(self.params, self._views(v), alpha=alpha)
+            if self.bound:
+                self.theta.add_(v, alpha=alpha)
+            else:
+                torch._foreach_add_(self.params, self._views(v), alpha=alpha)
 
     def add_to_grad_(self, v: torch.Tensor, alpha: float = 1.0) -> None:
         grads = [p.grad for p in self.params]
@@ -172,6 +198,14 @@ class FlatParams:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in self.params]
         torch._foreach_add_(grads, self._views(v), alpha=alpha)
+
+    def release(self) -> None:
+        """Every parameter gets its own storage again (values unchanged); theta is no longer live."""
+        if self.bound:
+            with torch.no_grad():
+                for p in self.params:
+                    p.data = p.data.clone()
+            self.theta, self.bound = self.theta.clone(), False
 
 
 class LossLog:

@@ -30,6 +30,18 @@ How the repulsion enters the update (``repulsion_mode``):
   divided by its own running RMS, so the repulsion degenerates into a push of equal size on
   every weight, sign(theta - theta_N), and in our trials did no better than fine-tuning.)
 - ``loss``: the paper's form, gamma * L_rep added to G's loss and optimised by Adam with it.
+
+Data terms (beyond the paper; all off by default, so the default is the paper's stage 2). In our
+runs D stays near chance on positives vs G's samples (the negatives are a few percent of them):
+the adversarial signal that should remove them is weak, whatever the regulariser. Three optional
+terms give it data that stage 1 and the feedback already hold:
+
+    L_D += beta_N * E_{x ~ G_N}[softplus(D(x))]          samples of the adapted GANs are fakes (negative data augmentation)
+    L_G += beta_Z * E_{z in Z_neg}[softplus(-D(G(z)))]   the flagged negatives' own latents, once more
+    L_G += beta_P * mean (G(z_pos) - x_pos)^2             the positives' latents keep their images (x_pos = G_orig(z_pos))
+
+(``negative_weight``, ``negative_latent_weight``, ``preserve_weight``; they apply to every stage-2
+method alike, so a table with them still isolates the regulariser.)
 """
 
 from __future__ import annotations
@@ -52,9 +64,11 @@ from .losses import (
     ewc_penalty_grad,
     fisher_diagonal,
     flatten_params,
+    g_nonsaturating_loss,
     param_distance,
     per_tensor_weights,
     prepare_anchors,
+    preserve_loss,
     repulsion_slopes,
 )
 from .models import GAN, generator_params
@@ -70,6 +84,7 @@ from .training import (
     d_step,
     g_backward,
     sample_batch,
+    sample_index,
     sample_latent_batch,
 )
 
@@ -96,6 +111,11 @@ class UnlearnConfig:
     g_lr: float = 1e-4  # small: G should change only where D finds negatives (2e-4 worsened FID on digits)
     d_lr: float = 1e-3  # large: D must learn quickly that negatives are not among the positives
     instance_noise: float = 0.0  # std of noise on D's inputs (positives are plentiful: none needed)
+    # Data terms beyond the paper's stage 2, all off by default (module docstring, "Data terms"):
+    negative_weight: float = 0.0  # beta_N: samples of the adapted GANs are extra fakes for D
+    negative_pool: int = 2000  # samples drawn once from the adapted GANs for negative_weight
+    negative_latent_weight: float = 0.0  # beta_Z: G's adversarial loss again on the flagged negatives' latents
+    preserve_weight: float = 0.0  # beta_P: mean (G(z_pos) - x_pos)^2 on the positives' own latents
     augment_shift: int = 0
     fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
     log_every: int = 50
@@ -129,7 +149,8 @@ class UnlearnConfig:
         check_int("unlearn: seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("g_lr", "d_lr"):
             check_positive(f"unlearn: {name}", getattr(self, name))
-        for name in ("ewc_lambda", "instance_noise"):
+        check_int("unlearn: negative_pool", self.negative_pool)
+        for name in ("ewc_lambda", "instance_noise", "negative_weight", "negative_latent_weight", "preserve_weight"):
             check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
 
 
@@ -149,6 +170,31 @@ def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> tor
         return per_tensor_weights(params)
     fisher = fisher_diagonal(gan.generator, gan.discriminator, gan.sample_latents(fisher_samples, seed=seed + 7919))
     return fisher / fisher.mean().clamp_min(1e-30)
+
+
+def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, negative_latents, latent_dim: int) -> None:
+    """The data terms need their data: adapted GANs (beta_N), the positives' latents (beta_P, one per
+    positive), the flagged negatives' latents (beta_Z). ``ConfigError`` saying what is missing."""
+    if cfg.negative_weight > 0 and not adapted:
+        raise ConfigError("negative_weight > 0 takes samples of the adapted GANs as fakes for D, and none were given: "
+                          "run stage 1 first (agu run does), or set negative_weight to 0")
+    for weight, name, z, want in (("preserve_weight", "positive_latents", positive_latents, len(positives)),
+                                  ("negative_latent_weight", "negative_latents", negative_latents, None)):
+        bad = z is None or z.ndim != 2 or z.shape[1] != latent_dim or len(z) == 0 or (want is not None and len(z) != want)
+        if getattr(cfg, weight) > 0 and bad:
+            got = "none" if z is None else f"shape {tuple(z.shape)}"
+            raise ConfigError(
+                f"{weight} > 0 needs {name} ({want if want is not None else 'n'}, {latent_dim}), the latents the feedback "
+                f"samples were generated from, got {got}. Pass Feedback.{name} from feedback.collect (agu run does), or "
+                f"set {weight} to 0 (images from a folder have no latents)")
+
+
+@torch.no_grad()
+def adapted_samples(adapted: list[GAN], n: int, seed: int, device) -> torch.Tensor:
+    """``n`` samples drawn once from the adapted GANs (in equal parts): the negatives D learns to call fake."""
+    per = -(-n // len(adapted))
+    return torch.cat([a.to(device).eval().generate(a.sample_latents(per, seed=seed + 104729 + k, device=device))
+                      for k, a in enumerate(adapted)])[:n]
 
 
 @dataclass
@@ -190,18 +236,27 @@ def repulsion_step(flat: FlatParams, rep: Repulsion, rate: float):
     return value, d.mean()
 
 
-def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device):
+def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device,
+                 negatives=None, keep=None, zneg=None):
     """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
-    then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None).
+    then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None). The data
+    terms, when on: ``negatives`` (augmented samples of the adapted GANs: fakes for D), ``keep``
+    (latents and images of positives: G must keep them), ``zneg`` (latents of flagged negatives).
     Returns the losses ``(d_loss, g_adv, reg, distance)``, detached, on the device."""
     aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
     # D step: max_phi L_adv
-    d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)
+    d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp, negatives, cfg.negative_weight)
 
     # G step: min_theta L_adv + gamma * L_repulsion   (or + lambda * EWC, or nothing). A penalty's
     # gradient is added to the adversarial one by hand (fp32, no autograd graph through theta)
     g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
+    if keep is not None:  # + beta_P * mean (G(z_pos) - x_pos)^2, accumulated into G's gradients
+        z_pos, x_pos = keep
+        (cfg.preserve_weight * preserve_loss(nets.generate(z_pos), x_pos)).backward()
+    if zneg is not None:  # + beta_Z * E_{z_neg}[softplus(-D(G(z_neg)))]
+        with nets.d_frozen():
+            (cfg.negative_latent_weight * g_nonsaturating_loss(nets.discriminate(aug(nets.generate(zneg))))).backward()
     value = dist = torch.zeros((), device=device)
     if cfg.method == "ewc":  # d(lambda EWC)/dtheta = 2 lambda F (theta - theta_G)
         ewc, grad = ewc_penalty_grad(flat.read(), reg.anchor, reg.fisher, *flat.scratch)
@@ -241,7 +296,8 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
         state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d})
     ignore = ("checkpoint_every",)
     saved, now = card.get("config") or {}, json.loads(json.dumps(asdict(cfg)))
-    differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    default = json.loads(json.dumps(asdict(UnlearnConfig())))  # a setting added since the checkpoint had its default
+    differ = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k, default.get(k)) != now.get(k))
     if differ:
         raise ConfigError(f"the checkpoint in {state_dir} was made with other stage-2 settings (differ: {', '.join(differ)}); "
                           "resume with the same settings, or run without --resume to start over")
@@ -259,6 +315,8 @@ def unlearn(
     device=None,
     progress: bool = True,
     state_dir=None,
+    positive_latents: torch.Tensor | None = None,
+    negative_latents: torch.Tensor | None = None,
 ) -> UnlearnResult:
     """Train a copy of ``gan`` on ``positives`` ``(n, C, H, W)`` with the configured regulariser.
 
@@ -275,6 +333,7 @@ def unlearn(
         raise DataError(f"positives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(positives.shape)}")
     if len(positives) < cfg.batch_size // 4:
         raise DataError(f"unlearn needs a pool of positives, got only {len(positives)}; draw more samples")
+    check_data_terms(cfg, positives, adapted, positive_latents, negative_latents, gan.latent_dim)
 
     # --- setup: fixed things computed once, held on the device --------------------------
     torch.manual_seed(cfg.seed)
@@ -299,6 +358,9 @@ def unlearn(
     else:
         reg = None
     pool = positives.to(device)
+    z_pos = positive_latents.to(device) if cfg.preserve_weight > 0 else None  # (n_pos, latent_dim)
+    z_neg = negative_latents.to(device) if cfg.negative_latent_weight > 0 else None  # (n_neg, latent_dim)
+    neg_pool = adapted_samples(adapted, cfg.negative_pool, cfg.seed, device) if cfg.negative_weight > 0 else None
     log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
     opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
@@ -310,15 +372,21 @@ def unlearn(
 
     # --- train: the GAN game on the positives plus the regulariser on G -----------------
     for step in bar:
-        real = augment(sample_batch(pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
+        idx = sample_index(len(pool), cfg.batch_size, gen, device)  # positives (and their latents for beta_P)
+        real = augment(pool[idx], cfg.augment_shift, cfg.instance_noise, gen)
         z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
-        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device)
+        keep = (z_pos[idx], pool[idx]) if z_pos is not None else None
+        neg = augment(sample_batch(neg_pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
+            if neg_pool is not None else None
+        zn = z_neg[sample_index(len(z_neg), cfg.batch_size, gen, device)] if z_neg is not None else None
+        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device, neg, keep, zn)
         row = log.add(step, d_loss, g_adv, reg_value, dist)
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
         if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters and is_main_process():
             save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log)
     log.flush(cfg.iters - 1)
+    flat.release()
 
     # --- done -----------------------------------------------------------------------------
     model.eval()

@@ -114,12 +114,21 @@ def _fisher_mem_child(gan_name: str, method: str, n: int, chunk: int) -> None:
     print(json.dumps({"peak_mb": round((peak - before) / 2**20, 1)}))
 
 
+def batched_backward(gan, z: torch.Tensor) -> tuple[torch.Tensor]:
+    """One forward and backward of sum_n D(G(z_n)) through every layer of G and D (gradient to the
+    latents only, no weight gradients): any batched Fisher runs at least this to get each layer's
+    per-sample output gradients."""
+    z = z.detach().requires_grad_(True)
+    return torch.autograd.grad(gan.discriminator(gan.generator(z)).sum(), z)
+
+
 def bench_fisher(gan, name: str, n: int, reps: int, threads: int, chunks: list[int]) -> dict:
     z = gan.sample_latents(n, seed=0)
     variants = {
         "fast": lambda: (fisher_diagonal(gan.generator, gan.discriminator, z),),  # what the library runs
         "vmap": lambda: (fisher_diagonal_vmap(gan.generator, gan.discriminator, z),),  # generic vmap(grad) path
         "loop": lambda: (fisher_diagonal_loop(gan.generator, gan.discriminator, z),),
+        "floor": lambda: batched_backward(gan, z),  # not a Fisher: the least any batched method must run
     }
     times = time_interleaved(variants, reps, 1, 1)
     a, b = variants["fast"]()[0], variants["loop"]()[0]
@@ -127,6 +136,9 @@ def bench_fisher(gan, name: str, n: int, reps: int, threads: int, chunks: list[i
         "samples": n, "chunk": 64, "fast_ms": ms(times["fast"]), "vmap_ms": ms(times["vmap"]), "loop_ms": ms(times["loop"]),
         "speedup": round(paired_ratio(times, "loop", "fast"), 2),
         "vmap_path_speedup": round(paired_ratio(times, "loop", "vmap"), 2),
+        "batched_backward_ms": ms(times["floor"]),
+        "speedup_bound": round(paired_ratio(times, "loop", "floor"), 2),
+        "bound_note": "loop / (one batched forward+backward of D(G(z)) to the latents): no batched Fisher beats this",
         "max_rel_diff": float((a - b).abs().max() / b.abs().max()),
         "peak_mb": {"loop": fisher_peak_mb(name, "loop", n, 64, threads)},
         "peak_note": "extra peak RSS during the call (fresh process, sampled every 0.2 ms), max(n, chunk) samples",
@@ -147,6 +159,7 @@ def bench_gan(gan, ks: list[int], reps: int, inner: int, warmup: int) -> tuple[d
     for k in ks:
         variants[f"stage2_k{k}"] = v.stage2(k)
     variants["stage2_k5_loss"] = v.stage2(5, mode="loss")
+    variants["stage2_k5_fisher"] = v.stage2(5, distance="fisher")
     variants["ewc_s2"] = v.ewc2()
     times = time_interleaved(variants, reps, inner, warmup)
     res = {
@@ -157,6 +170,7 @@ def bench_gan(gan, ks: list[int], reps: int, inner: int, warmup: int) -> tuple[d
     for k in ks:
         res[f"stage2_k{k}_over_plain"] = round(paired_ratio(times, f"stage2_k{k}", "plain_s2"), 3)
     res["stage2_k5_loss_mode_over_plain"] = round(paired_ratio(times, "stage2_k5_loss", "plain_s2"), 3)
+    res["stage2_k5_fisher_distance_over_plain"] = round(paired_ratio(times, "stage2_k5_fisher", "plain_s2"), 3)
     res["ewc_baseline_over_plain"] = round(paired_ratio(times, "ewc_s2", "plain_s2"), 3)
     return res, times
 
@@ -203,16 +217,18 @@ def print_table(result: dict) -> None:
             ("plain step, stage-2 batch (ms)", lambda g: f"{g['ms_per_step']['plain_s2']:.2f}"),
             ("stage1_over_plain", lambda g: f"{g['stage1_over_plain']:.3f}")]
     ks = sorted(int(k[len("stage2_k"):-len("_over_plain")]) for k in result["gans"][names[0]]
-                if k.startswith("stage2_k") and k.endswith("_over_plain") and "loss" not in k)
+                if k.startswith("stage2_k") and k.endswith("_over_plain") and k[len("stage2_k"):-len("_over_plain")].isdigit())
     rows += [(f"stage2_k{k}_over_plain", lambda g, k=k: f"{g[f'stage2_k{k}_over_plain']:.3f}") for k in ks]
     rows += [("stage2_k5 (loss mode) / plain", lambda g: f"{g['stage2_k5_loss_mode_over_plain']:.3f}"),
+             ("stage2_k5 (Fisher distance) / plain", lambda g: f"{g['stage2_k5_fisher_distance_over_plain']:.3f}"),
              ("EWC baseline / plain", lambda g: f"{g['ewc_baseline_over_plain']:.3f}"),
              ("fisher_vmap_speedup", lambda g: f"{g['fisher']['speedup']:.1f}x"),
+             ("  bound: loop / batched fwd+bwd", lambda g: f"{g['fisher']['speedup_bound']:.1f}x"),
              ("Fisher fast / vmap / loop (ms)",
               lambda g: f"{g['fisher']['fast_ms']:.0f}/{g['fisher']['vmap_ms']:.0f}/{g['fisher']['loop_ms']:.0f}"),
              ("Fisher peak MB fast/vmap/loop", lambda g: "/".join(str(round(g["fisher"]["peak_mb"][k])) for k in
                                                                   ("fast_chunk64", "vmap_chunk64", "loop")))]
-    w = 32
+    w = 36
     print("\n" + "".join([f"{'':<{w}}"] + [f"{n:>16}" for n in names]))
     for label, fn in rows:
         print(f"{label:<{w}}" + "".join(f"{fn(result['gans'][n]):>16}" for n in names))

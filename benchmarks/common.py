@@ -108,11 +108,13 @@ class Variants:
 
         return step
 
-    def stage2(self, k: int, method: str = "el2", mode: str = "decoupled"):
-        cfg = replace(self.ucfg, method=method, repulsion_mode=mode)
+    def stage2(self, k: int, method: str = "el2", mode: str = "decoupled", distance: str | None = None):
+        """Stage 2 with ``k`` adapted models and the default distance (``l2``: no weights), or ``distance="fisher"``."""
+        cfg = replace(self.ucfg, method=method, repulsion_mode=mode, distance=distance or self.ucfg.distance)
         anchors = fake_anchors(self.gan, k)
-        d0 = param_distance(self.theta_g, anchors, self.fisher)
-        reg = Repulsion(prepare_anchors(anchors, self.theta_g, self.fisher), 1.0 / d0, REPULSIONS[method],
+        weights = None if cfg.distance == "l2" else self.fisher  # (the per-tensor weights cost the same as the Fisher's)
+        d0 = param_distance(self.theta_g, anchors, weights)
+        reg = Repulsion(prepare_anchors(anchors, self.theta_g, weights), 1.0 / d0, REPULSIONS[method],
                         {"alpha": cfg.alpha} if method == "el2" else {})
         return self._unlearn_variant(cfg, reg)
 

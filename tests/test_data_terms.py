@@ -1,0 +1,204 @@
+"""Stage 2's optional data terms (negative fakes for D, the flagged negatives' latents, keeping the
+positives' latents), the feedback latents behind them, and the flat parameter storage of the loops."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agu_lib import cli
+from agu_lib.adapt import AdaptConfig, adapt
+from agu_lib.checkpoint import load_training_state, save_training_state
+from agu_lib.errors import ConfigError
+from agu_lib.feedback import PredicateOracle, collect
+from agu_lib.losses import REPULSIONS, d_negative_loss, flatten_params, preserve_loss, repulsion_slopes
+from agu_lib.models import generator_params
+from agu_lib.pipeline import RunConfig, uses_adapted
+from agu_lib.training import FlatParams
+from agu_lib.unlearn import UnlearnConfig, adapted_samples, unlearn
+
+TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4)
+TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0}
+
+
+def bright(x):
+    m = x.flatten(1).mean(1)
+    return m > m.median()
+
+
+@pytest.fixture
+def feedback(tiny_gan):
+    return collect(tiny_gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
+
+
+@pytest.fixture
+def adapted(tiny_gan, feedback):
+    cfg = AdaptConfig(iters=6, batch_size=4, n_negatives=8, fisher_samples=4, log_every=3)
+    return adapt(tiny_gan, feedback.negatives, cfg, progress=False).models
+
+
+def latents(fb):
+    return {"positive_latents": fb.positive_latents, "negative_latents": fb.negative_latents}
+
+
+def params(gan):
+    return flatten_params(list(gan.generator.parameters()) + list(gan.discriminator.parameters())).detach()
+
+
+def test_collect_keeps_the_latents_behind_each_sample(tiny_gan, feedback):
+    assert len(feedback.positive_latents) == len(feedback.positives) and len(feedback.negative_latents) == len(feedback.negatives)
+    with torch.no_grad():
+        assert torch.equal(tiny_gan.generate(feedback.positive_latents), feedback.positives)
+        assert torch.equal(tiny_gan.generate(feedback.negative_latents), feedback.negatives)
+    assert torch.equal(torch.cat([feedback.negatives, feedback.positives]).sort(0).values,
+                       tiny_gan.sample(64, seed=0).sort(0).values)  # the same images gan.sample gives
+
+
+def test_loss_formulas():
+    logits = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.allclose(d_negative_loss(logits), F.softplus(logits).mean())
+    x = torch.randn(4, 1, 8, 8)
+    assert preserve_loss(x, x) == 0
+    assert torch.allclose(preserve_loss(x + 0.5, x), torch.tensor(0.25))
+
+
+def test_terms_off_change_nothing(tiny_gan, feedback, adapted):
+    """Weights 0 (the default): latents given or not, the result is bit for bit the paper's stage 2."""
+    a = unlearn(tiny_gan, feedback.positives, adapted, TINY, progress=False).gan
+    b = unlearn(tiny_gan, feedback.positives, adapted, TINY, progress=False, **latents(feedback)).gan
+    assert torch.equal(params(a), params(b))
+
+
+@pytest.mark.parametrize("term", sorted(TERMS))
+def test_each_term_changes_training_and_is_deterministic(tiny_gan, feedback, adapted, term):
+    cfg = replace(TINY, **{term: TERMS[term]})
+    base = unlearn(tiny_gan, feedback.positives, adapted, TINY, progress=False, **latents(feedback)).gan
+    one = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False, **latents(feedback)).gan
+    two = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False, **latents(feedback)).gan
+    assert not torch.equal(params(base), params(one))
+    assert torch.equal(params(one), params(two))
+
+
+def test_preserve_keeps_positive_latents_close(tiny_gan, feedback, adapted):
+    """With a large beta_P, G still draws the positives from their own latents; without it, it drifts further."""
+    cfg = replace(TINY, iters=30, g_lr=2e-3)
+    z, x = feedback.positive_latents, feedback.positives
+
+    def drift(c):
+        g = unlearn(tiny_gan, x, adapted, c, progress=False, **latents(feedback)).gan
+        with torch.no_grad():
+            return float(preserve_loss(g.generate(z), x))
+
+    free, kept = drift(cfg), drift(replace(cfg, preserve_weight=1000.0))
+    assert kept < 0.5 * free
+
+
+def test_negative_fakes_teach_d_to_reject_adapted_samples(tiny_gan, feedback, adapted):
+    """beta_N: D ends up scoring the adapted GAN's samples lower than when it never sees them as fakes."""
+    cfg = replace(TINY, method="finetune", iters=30)
+    negs = adapted_samples(adapted, 64, seed=5, device="cpu")
+
+    def score(c):
+        d = unlearn(tiny_gan, feedback.positives, adapted, c, progress=False).gan
+        with torch.no_grad():
+            return float(d.discriminate(negs).mean())
+
+    assert score(replace(cfg, negative_weight=3.0)) < score(cfg) - 0.1
+
+
+def test_adapted_samples_come_from_every_adapted_gan(tiny_gan, adapted):
+    two = [adapted[0], tiny_gan]
+    x = adapted_samples(two, 10, seed=0, device="cpu")
+    with torch.no_grad():
+        first = adapted[0].generate(adapted[0].sample_latents(5, seed=104729))
+    assert x.shape == (10, *tiny_gan.image_shape) and torch.equal(x[:5], first)
+
+
+@pytest.mark.parametrize("term, needs", [("preserve_weight", "positive_latents"),
+                                         ("negative_latent_weight", "negative_latents")])
+def test_terms_without_their_latents_are_config_errors(tiny_gan, feedback, adapted, term, needs):
+    cfg = replace(TINY, **{term: 1.0})
+    with pytest.raises(ConfigError, match=needs):
+        unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False)
+    with pytest.raises(ConfigError, match="shape"):  # latents of the wrong size
+        unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False,
+                positive_latents=torch.zeros(3, 8), negative_latents=torch.zeros(3, 5))
+
+
+def test_negative_fakes_without_adapted_gans_is_a_config_error(tiny_gan, feedback):
+    with pytest.raises(ConfigError, match="stage 1"):
+        unlearn(tiny_gan, feedback.positives, [], replace(TINY, method="finetune", negative_weight=1.0), progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
+def test_negative_weights_are_rejected(name):
+    with pytest.raises(ConfigError, match=name):
+        replace(TINY, **{name: -1.0}).validate(1)
+
+
+def test_finetune_with_negative_fakes_runs_stage_1():
+    cfg = RunConfig(method="finetune")
+    assert not uses_adapted("finetune", cfg) and uses_adapted("el2", cfg)
+    cfg.unlearn.negative_weight = 1.0
+    assert uses_adapted("finetune", cfg) and not uses_adapted("retrain", cfg)
+
+
+def test_cli_flags_reach_the_config():
+    parser = cli.build_parser()
+    args = parser.parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
+                              "--negative-weight", "3", "--negative-latent-weight", "2", "--preserve-weight", "100",
+                              "--unlearn-g-lr", "0.001"])
+    u = cli._run_config(args).unlearn
+    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr) == (3.0, 2.0, 100.0, 0.001)
+
+
+# ----------------------------------------------------------------------------------------
+# Flat parameter storage and the closed-form slopes (speed work of the loops)
+
+
+def test_flat_params_are_views_of_one_buffer(tiny_gan):
+    ps = generator_params(tiny_gan)
+    before = flatten_params(ps).detach().clone()
+    flat = FlatParams(ps)
+    assert flat.bound and torch.equal(flat.read(), before)
+    flat.add_(torch.ones_like(before), alpha=0.5)  # one operation on theta moves every parameter
+    assert torch.equal(flatten_params(ps).detach(), before + 0.5)
+    ps[0].data.add_(1.0)  # and a parameter's in-place change is seen in theta (an optimiser step)
+    n = ps[0].numel()
+    assert torch.equal(flat.read()[:n], (before + 0.5)[:n] + 1.0)
+    flat.release()  # own storage again: same values, theta no longer live
+    theta = flatten_params(ps).detach().clone()
+    assert not flat.bound and torch.equal(flat.read(), theta)
+    flat.theta.add_(1.0)
+    assert torch.equal(flatten_params(ps).detach(), theta)
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == len(ps)
+
+
+def test_training_state_saves_while_parameters_share_one_buffer(tiny_gan, tmp_path):
+    FlatParams(generator_params(tiny_gan))  # parameters are now views of one tensor (safetensors refuses shared memory)
+    opt = torch.optim.Adam(tiny_gan.generator.parameters())
+    save_training_state(tmp_path / "s", {"generator": tiny_gan.generator}, {"opt": opt}, {"x": torch.zeros(1)}, {"step": 1})
+    copy = tiny_gan.clone()
+    for p in copy.generator.parameters():
+        p.data = torch.zeros_like(p)
+    load_training_state(tmp_path / "s", {"generator": copy.generator}, {"opt": torch.optim.Adam(copy.generator.parameters())})
+    assert torch.equal(params(copy)[: sum(p.numel() for p in generator_params(copy))], flatten_params(generator_params(tiny_gan)).detach())
+
+
+@pytest.mark.parametrize("name", ["el2", "nl2", "il2"])
+def test_closed_form_slopes_equal_autograd(name):
+    d = torch.tensor([0.3, 1.0, 2.5])
+    kw = {"alpha": 1.7} if name == "el2" else {}
+    fn = REPULSIONS[name]
+    value, c = repulsion_slopes(d, fn, **kw)
+    value_ag, c_ag = repulsion_slopes(d, lambda x, **k: fn(x, **k), **kw)  # not the same object: the autograd path
+    assert torch.allclose(value, value_ag) and torch.allclose(c, c_ag)
+
+
+def test_slopes_of_a_custom_repulsion_by_autograd():
+    d = torch.tensor([0.5, 2.0])
+    value, c = repulsion_slopes(d, lambda x: (1.0 / (1.0 + x)).sum())
+    assert torch.allclose(value, torch.tensor(1 / 1.5 + 1 / 3)) and torch.allclose(c, 1.0 / (1.0 + d) ** 2)
