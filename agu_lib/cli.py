@@ -212,6 +212,12 @@ def _run_config(args):
     from .pipeline import RunConfig
 
     cfg = RunConfig(method=args.method, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
+    if getattr(args, "paper_stage2", False):
+        from dataclasses import replace
+
+        from .unlearn import PAPER_STAGE2
+
+        cfg.unlearn = replace(cfg.unlearn, **PAPER_STAGE2)
     if args.gamma is not None:
         if args.method == "extrapolate":
             cfg.extrapolate_gamma = args.gamma
@@ -284,9 +290,11 @@ def cmd_unlearn(args) -> None:
     ucfg.method, ucfg.seed = args.method, args.seed
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
+    if not adapted and ucfg.negative_weight > 0 and args.negative_weight is None:  # a fine-tuning baseline on its own
+        ucfg.negative_weight = 0.0
+        print("note: no --adapted GANs, so no adapted samples as fakes for D (negative weight 0)", file=sys.stderr)
     fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101)
-    res = unlearn(gan, fb.positives, adapted, ucfg, device=device, progress=not args.quiet,
-                  positive_latents=fb.positive_latents, negative_latents=fb.negative_latents)
+    res = unlearn(gan, fb, adapted, ucfg, device=device, progress=not args.quiet)
     save_gan(res.gan, args.out, step=ucfg.iters, extra={"log": res.log})
     print(f"wrote {args.out} ({ucfg.method}, {ucfg.iters} iterations; last losses {res.log[-1] if res.log else {}})")
 
@@ -368,6 +376,8 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
                    help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 0: off)")
     p.add_argument("--negative-latent-weight", type=float, default=None,
                    help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 0)")
+    p.add_argument("--paper-stage2", action="store_true",
+                   help="the paper's stage 2: no data terms, G lr 1e-4 (flags given with it still apply)")
     p.add_argument("--preserve-weight", type=float, default=None,
                    help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 0)")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")

@@ -29,7 +29,7 @@ from .adapt import MIN_NEGATIVES, AdaptConfig, adapt
 from .checkpoint import atomic_dir, check_replaceable, load_gan, save_gan, write_json_atomic
 from .directions import extrapolate, mean_gan
 from .distributed import barrier, is_main_process
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .feedback import collect
 from .metrics import evaluate, make_context
 from .models import GAN
@@ -367,8 +367,14 @@ def table(
                 if method == "retrain":
                     result, seconds = retrained, t_retrain
                 else:
-                    result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress,
-                                             latents=(fb.positive_latents, fb.negative_latents))
+                    try:
+                        result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress,
+                                                 latents=(fb.positive_latents, fb.negative_latents))
+                    except TrainingError as e:  # a diverged method is a result (a row says so), not the end of the table
+                        records.append({"class": cls, "seed": seed, "method": method, "seconds": time.perf_counter() - t,
+                                        "diverged": str(e)})
+                        print(f"class {cls} seed {seed} {method:<11} diverged: {e}", file=sys.stderr, flush=True)
+                        continue
                     seconds = time.perf_counter() - t + (t_adapt if uses_adapted(method, cfg) else 0.0)
                 m = evaluate(result, ctx)
                 m["fid_positives_ratio"] = m["fid_positives"] / original["fid_positives"]
@@ -392,9 +398,11 @@ def aggregate(result: dict) -> dict:
     agg: dict = {}
     for method in ["original", *result["methods"]]:
         for cls in result["classes"]:
-            rs = [r for r in result["records"] if r["method"] == method and r["class"] == cls]
+            every = [r for r in result["records"] if r["method"] == method and r["class"] == cls]
+            rs = [r for r in every if "diverged" not in r]  # means over the seeds that finished
             keys = [k for k in rs[0] if isinstance(rs[0][k], float)] if rs else []
             agg.setdefault(method, {})[cls] = {k: _mean_std([r[k] for r in rs]) for k in keys}
+            agg[method][cls]["diverged"] = (len(every) - len(rs), len(every))
     return agg
 
 
@@ -410,6 +418,12 @@ def write_table(result: dict, out) -> Path:
         m, s = stats[key]
         return f"{m:{fmt}} ± {s:{fmt}}"
 
+    def cells(stats, spec):  # "a / b / c" for one class; says when seeds diverged (their runs have no metrics)
+        bad, n = stats.get("diverged", (0, 0))
+        if n and bad == n:
+            return "diverged"
+        return " / ".join(cell(stats, k, f) for k, f in spec) + (f" ({bad} of {n} seeds diverged)" if bad else "")
+
     classes = result["classes"]
     head = "| method | " + " | ".join(f"class {c}" for c in classes) + " |\n|---|" + "---|" * len(classes) + "\n"
     md = [(f"PUL % / FID / Ret-FID, mean ± std over seeds {result['seeds']}. "
@@ -419,16 +433,16 @@ def write_table(result: dict, out) -> Path:
     for method in ["original", *result["methods"]]:
         name = TABLE_NAMES.get(method, "Original GAN")
         md.append(f"| {name} | " + " | ".join(
-            " / ".join(cell(agg[method][c], k, f) for k, f in (("pul", ".1f"), ("fid_real", ".1f"), ("ret_fid", ".1f")))
-            for c in classes) + " |\n")
+            cells(agg[method][c], (("pul", ".1f"), ("fid_real", ".1f"), ("ret_fid", ".1f"))) for c in classes) + " |\n")
         md2.append(f"| {name} | " + " | ".join(
-            " / ".join(cell(agg[method][c], k, f) for k, f in (("fid_positives_ratio", ".2f"), ("retained_tv", ".3f"), ("seconds", ".0f")))
-            for c in classes) + " |\n")
+            cells(agg[method][c], (("fid_positives_ratio", ".2f"), ("retained_tv", ".3f"), ("seconds", ".0f"))) for c in classes)
+            + " |\n")
     (out / "table.md").write_text("".join(md + md2))
     keys = sorted({k for r in result["records"] for k in r if k not in ("class", "seed", "method")})
     lines = [",".join(["class", "seed", "method", *keys])]
-    for r in result["records"]:
-        lines.append(",".join([str(r["class"]), str(r["seed"]), r["method"], *(f"{r[k]:.6g}" if k in r else "" for k in keys)]))
+    for r in result["records"]:  # "diverged" holds the message in table.json; 1 here
+        lines.append(",".join([str(r["class"]), str(r["seed"]), r["method"],
+                               *("1" if k == "diverged" and k in r else f"{r[k]:.6g}" if k in r else "" for k in keys)]))
     (out / "table.csv").write_text("\n".join(lines) + "\n")
     write_json_atomic(out / "table.json", result)
     return out

@@ -21,7 +21,7 @@ from agu_lib.errors import CheckpointError
 from agu_lib.foreign import import_gan
 from agu_lib.losses import REPULSIONS, fisher_diagonal, flatten_params, param_distance, prepare_anchors
 from agu_lib.models import GAN, build_gan, generator_params
-from agu_lib.training import FlatParams, TrainNets, adam, augment, sample_batch, sample_latent_batch
+from agu_lib.training import FlatParams, TrainNets, adam, augment, sample_batch, sample_index, sample_latent_batch
 from agu_lib.unlearn import EWC, Repulsion, UnlearnConfig, unlearn_step
 
 
@@ -75,9 +75,10 @@ class Variants:
         self.gan, self.device = gan, torch.device(device)
         self.acfg = replace(AdaptConfig(), amp=amp, compile=compile, **({"batch_size": batch1} if batch1 else {}))
         self.ucfg = replace(UnlearnConfig(), amp=amp, compile=compile, **({"batch_size": batch2} if batch2 else {}))
+        self.pool_z = gan.sample_latents(512, seed=1)
         with torch.no_grad():
-            pool = torch.cat([gan.generate(z) for z in gan.sample_latents(512, seed=1).split(256)])
-        self.pool = pool  # stand-in for the negatives/positives (samples of G)
+            pool = torch.cat([gan.generate(z) for z in self.pool_z.split(256)])
+        self.pool = pool  # stand-in for the negatives/positives (samples of G) and, with pool_z, their latents
         self.theta_g = flatten_params(generator_params(gan)).detach()
         self.fisher = fisher_diagonal(gan.generator, gan.discriminator, gan.sample_latents(fisher_samples, seed=7919))
         self.fisher = self.fisher / self.fisher.mean().clamp_min(1e-30)
@@ -118,6 +119,26 @@ class Variants:
                         {"alpha": cfg.alpha} if method == "el2" else {})
         return self._unlearn_variant(cfg, reg)
 
+    def stage2_data_terms(self, k: int):
+        """The whole default stage-2 step: repulsion from ``k`` models plus the data terms of the
+        config (adapted samples as fakes for D, negatives' latents, keeping positives' latents)."""
+        cfg = self.ucfg
+        step2 = self.stage2(k)  # only for its Repulsion and buffers
+        reg, flat, nets, opt_g, opt_d, gen = step2.parts
+        latent, dev = self.gan.latent_dim, self.device
+
+        def step():
+            idx = sample_index(len(self.pool), cfg.batch_size, gen, dev)
+            real = augment(self.pool[idx], cfg.augment_shift, cfg.instance_noise, gen)
+            z = sample_latent_batch(cfg.batch_size, latent, gen, dev)
+            keep = (self.pool_z[idx], self.pool[idx]) if cfg.preserve_weight > 0 else None
+            neg = augment(sample_batch(self.pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
+                if cfg.negative_weight > 0 else None
+            zn = self.pool_z[sample_index(len(self.pool), cfg.batch_size, gen, dev)] if cfg.negative_latent_weight > 0 else None
+            return unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev, neg, keep, zn)
+
+        return step
+
     def ewc2(self):
         return self._unlearn_variant(replace(self.ucfg, method="ewc"), EWC(self.theta_g, self.fisher))
 
@@ -125,9 +146,10 @@ class Variants:
         _, nets, flat, opt_g, opt_d, gen = self._setup(cfg)
         latent, dev = self.gan.latent_dim, self.device
 
-        def step():
+        def step():  # the regulariser only: the data terms are off (what the method's penalty costs)
             real = augment(sample_batch(self.pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
             z = sample_latent_batch(cfg.batch_size, latent, gen, dev)
             return unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev)
 
+        step.parts = (reg, flat, nets, opt_g, opt_d, gen)
         return step

@@ -18,9 +18,9 @@ from agu_lib.losses import REPULSIONS, d_negative_loss, flatten_params, preserve
 from agu_lib.models import generator_params
 from agu_lib.pipeline import RunConfig, uses_adapted
 from agu_lib.training import FlatParams
-from agu_lib.unlearn import UnlearnConfig, adapted_samples, unlearn
+from agu_lib.unlearn import DATA_TERMS_OFF, PAPER_STAGE2, UnlearnConfig, adapted_samples, unlearn
 
-TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4)
+TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4, **DATA_TERMS_OFF)
 TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0}
 
 
@@ -63,6 +63,25 @@ def test_loss_formulas():
     x = torch.randn(4, 1, 8, 8)
     assert preserve_loss(x, x) == 0
     assert torch.allclose(preserve_loss(x + 0.5, x), torch.tensor(0.25))
+
+
+def test_defaults_have_the_terms_on_and_the_paper_preset_off():
+    d = UnlearnConfig()
+    assert (d.negative_weight, d.negative_latent_weight, d.preserve_weight, d.g_lr) == (3.0, 3.0, 100.0, 1e-3)
+    p = UnlearnConfig(**PAPER_STAGE2)
+    assert (p.negative_weight, p.negative_latent_weight, p.preserve_weight, p.g_lr) == (0.0, 0.0, 0.0, 1e-4)
+    args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
+                                          "--paper-stage2", "--iters", "7"])
+    u = cli._run_config(args).unlearn
+    assert (u.negative_weight, u.preserve_weight, u.g_lr, u.iters) == (0.0, 0.0, 1e-4, 7)
+
+
+def test_feedback_object_carries_the_latents(tiny_gan, feedback, adapted):
+    """unlearn(gan, feedback, ...) takes the positives and both sets of latents from the Feedback."""
+    cfg = replace(TINY, **TERMS)
+    a = unlearn(tiny_gan, feedback, adapted, cfg, progress=False).gan
+    b = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False, **latents(feedback)).gan
+    assert torch.equal(params(a), params(b))
 
 
 def test_terms_off_change_nothing(tiny_gan, feedback, adapted):
@@ -140,10 +159,10 @@ def test_negative_weights_are_rejected(name):
 
 
 def test_finetune_with_negative_fakes_runs_stage_1():
-    cfg = RunConfig(method="finetune")
-    assert not uses_adapted("finetune", cfg) and uses_adapted("el2", cfg)
-    cfg.unlearn.negative_weight = 1.0
-    assert uses_adapted("finetune", cfg) and not uses_adapted("retrain", cfg)
+    cfg = RunConfig(method="finetune")  # default: adapted samples are fakes for D, so stage 1 runs
+    assert uses_adapted("finetune", cfg) and uses_adapted("el2", cfg) and not uses_adapted("retrain", cfg)
+    cfg.unlearn.negative_weight = 0.0
+    assert not uses_adapted("finetune", cfg) and not uses_adapted("ewc", cfg) and uses_adapted("el2", cfg)
 
 
 def test_cli_flags_reach_the_config():

@@ -25,7 +25,8 @@ from agu_lib.unlearn import UnlearnConfig, unlearn
 
 ADAPT = AdaptConfig(iters=4, batch_size=4, n_negatives=8, fisher_samples=4, log_every=2, n_models=2)
 UNLEARN = UnlearnConfig(iters=5, batch_size=8, fisher_samples=4, log_every=5, method="el2", instance_noise=0.1,
-                        augment_shift=1)
+                        augment_shift=1, negative_weight=1.0, negative_pool=64, negative_latent_weight=1.0,
+                        preserve_weight=10.0)  # the data terms' rows are sharded too
 TOL = 1e-5
 
 
@@ -34,9 +35,9 @@ def _job():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     gan = build_gan("dcgan", 8, (1, 16, 16), channels=8)
-    images = gan.sample(48, seed=3)
+    images, z = gan.sample(48, seed=3), gan.sample_latents(48, seed=3)
     res = adapt(gan, images[:16], ADAPT, progress=False)
-    out = unlearn(gan, images[16:], res.models, UNLEARN, progress=False)
+    out = unlearn(gan, images[16:], res.models, UNLEARN, progress=False, positive_latents=z[16:], negative_latents=z[:16])
     theta = lambda g: flatten_params(generator_params(g)).detach()
     return {"adapted": torch.stack([theta(m) for m in res.models]), "unlearned": theta(out.gan),
             "log": torch.tensor([[r[k] for k in ("d_loss", "g_adv", "reg")] for r in out.log])}

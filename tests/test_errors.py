@@ -28,7 +28,7 @@ from agu_lib.feedback import PredicateOracle
 from agu_lib.models import build_gan
 from agu_lib.pipeline import RunConfig, run
 from agu_lib.training import LossLog
-from agu_lib.unlearn import UnlearnConfig
+from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig
 
 TINY = ["--device", "cpu", "--quiet", "--real", "none", "--n-samples", "200", "--n-eval", "20", "--adapt-iters", "2",
         "--iters", "4"]
@@ -314,7 +314,7 @@ def test_absurd_learning_rate_is_a_training_error(gan_dir):
 
     gan = load_gan(gan_dir)
     x = gan.sample(64, seed=0)
-    cfg = UnlearnConfig(method="finetune", iters=30, batch_size=8, log_every=5, g_lr=1e30, d_lr=1e30)
+    cfg = UnlearnConfig(method="finetune", iters=30, batch_size=8, log_every=5, g_lr=1e30, d_lr=1e30, **DATA_TERMS_OFF)
     with pytest.raises(TrainingError, match=r"became NaN or Inf at step \d+\. Likely cause: a learning rate"):
         unlearn(gan, x, config=cfg, progress=False)
 

@@ -62,14 +62,14 @@ def test_adapt_rejects_bad_input(tiny_gan, feedback):
 def test_unlearn_rejects_non_positive_gamma(tiny_gan, feedback, gamma):
     adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
     with pytest.raises(ConfigError, match="gamma must be > 0.*attraction"):
-        unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(gamma=gamma), progress=False)
+        unlearn(tiny_gan, feedback, adapted, UnlearnConfig(gamma=gamma), progress=False)
 
 
 def test_unlearn_unknown_method_lists_valid(tiny_gan, feedback):
     with pytest.raises(ConfigError, match="valid: il2, nl2, el2, finetune, ewc"):
-        unlearn(tiny_gan, feedback.positives, [], UnlearnConfig(method="magic"), progress=False)
+        unlearn(tiny_gan, feedback, [], UnlearnConfig(method="magic"), progress=False)
     with pytest.raises(ConfigError, match="needs at least one adapted"):
-        unlearn(tiny_gan, feedback.positives, [], UnlearnConfig(method="el2"), progress=False)
+        unlearn(tiny_gan, feedback, [], UnlearnConfig(method="el2"), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_unlearn_unknown_method_lists_valid(tiny_gan, feedback):
 def test_unlearn_methods_run(tiny_gan, feedback, method, distance):
     adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
     cfg = UnlearnConfig(**{**TINY_UNLEARN.__dict__, "method": method, "distance": distance})
-    res = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False)
+    res = unlearn(tiny_gan, feedback, adapted, cfg, progress=False)
     assert res.log[-1]["step"] == 6 and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in res.log)
     assert not torch.equal(theta(res.gan), theta(tiny_gan))
 
@@ -89,8 +89,8 @@ def test_repulsion_moves_away_from_adapted_more_than_finetune(tiny_gan, feedback
     the distance to theta_N compared with plain fine-tuning."""
     adapted = adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "iters": 20}), progress=False).models
     base = {**TINY_UNLEARN.__dict__, "iters": 20, "distance": "l2"}
-    ft = unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(**{**base, "method": "finetune"}), progress=False).gan
-    rep = unlearn(tiny_gan, feedback.positives, adapted, UnlearnConfig(**{**base, "method": "nl2", "gamma": 1.0}), progress=False).gan
+    ft = unlearn(tiny_gan, feedback, adapted, UnlearnConfig(**{**base, "method": "finetune"}), progress=False).gan
+    rep = unlearn(tiny_gan, feedback, adapted, UnlearnConfig(**{**base, "method": "nl2", "gamma": 1.0}), progress=False).gan
     tn = theta(adapted[0])
     assert (theta(rep) - tn).pow(2).sum() > (theta(ft) - tn).pow(2).sum()
 

@@ -62,4 +62,35 @@ def test_methods_without_stage_1_need_only_one_negative():
 
     cfg = RunConfig()
     assert needed_negatives(cfg, ["el2"]) == 8 and needed_negatives(cfg, ["finetune", "extrapolate"]) == 8
+    assert needed_negatives(cfg, ["retrain"]) == 1
+    assert needed_negatives(cfg, ["finetune"]) == 8  # by default the baselines take the adapted GANs' samples as fakes too
+    cfg.unlearn.negative_weight = 0.0  # the paper's baselines: no stage 1
     assert needed_negatives(cfg, ["finetune"]) == needed_negatives(cfg, ["ewc", "retrain"]) == 1
+
+
+def test_a_diverged_method_is_a_row_not_the_end_of_the_table(tmp_path, monkeypatch, capsys):
+    """A method whose training fails (TrainingError) is recorded as diverged; the other rows are computed."""
+    from agu_lib import pipeline
+    from agu_lib.errors import TrainingError
+
+    real_apply = pipeline.apply_method
+
+    def apply(method, gan, *a, **k):
+        if method == "nl2":
+            raise TrainingError("unlearn (nl2): loss g_adv became NaN or Inf at step 3")
+        return real_apply(method, gan, *a, **k)
+
+    monkeypatch.setattr(pipeline, "apply_method", apply)
+    out = tmp_path / "table"
+    args = ["table", "digits", "--classifier", "digits", "--forget", "4", "--seeds", "1", "--methods", "nl2", "finetune",
+            "--iters", "5", "--adapt-iters", "5", "--n-samples", "1000", "--n-eval", "300", "--out", str(out), "--quiet",
+            "--device", "cpu"]
+    assert main(args) == 0
+    md = (out / "table.md").read_text()
+    assert "| NL2 | diverged |" in md and "Fine-tune on positives | " in md
+    recs = json.loads((out / "table.json").read_text())["records"]
+    assert [r["diverged"] for r in recs if r["method"] == "nl2"] == ["unlearn (nl2): loss g_adv became NaN or Inf at step 3"]
+    assert "diverged" in capsys.readouterr().err
+    head, *rows = (out / "table.csv").read_text().splitlines()
+    col = head.split(",").index("diverged")
+    assert [r.split(",")[col] for r in rows if ",nl2," in r] == ["1"]

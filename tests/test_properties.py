@@ -29,7 +29,7 @@ from agu_lib.errors import AguError, ConfigError
 from agu_lib.foreign import import_gan
 from agu_lib.models import build_gan
 from agu_lib.pipeline import RunConfig
-from agu_lib.unlearn import UnlearnConfig
+from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
@@ -214,7 +214,7 @@ def state_dir(gan_dir, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("ts") / "state"
     gan = load_gan(gan_dir)
-    unlearn(gan, gan.sample(16, seed=0), config=UnlearnConfig(method="finetune", iters=2, batch_size=4, log_every=1,
+    unlearn(gan, gan.sample(16, seed=0), config=UnlearnConfig(method="finetune", iters=2, batch_size=4, log_every=1, **DATA_TERMS_OFF,
                                                                checkpoint_every=1), progress=False, state_dir=d)
     return d
 

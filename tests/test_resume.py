@@ -230,12 +230,12 @@ def test_agu_outputs_and_empty_folders_may_be_replaced(gan_dir, tmp_path):
 
 
 def test_unlearn_state_with_other_settings_is_refused(gan_dir, tmp_path):
-    from agu_lib.unlearn import UnlearnConfig, unlearn
+    from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig, unlearn
 
     gan = load_gan(gan_dir)
     x = gan.sample(64, seed=0)
-    cfg = {"method": "finetune", "iters": 8, "batch_size": 8, "log_every": 2, "checkpoint_every": 4}
+    cfg = {"method": "finetune", "iters": 8, "batch_size": 8, "log_every": 2, "checkpoint_every": 4, **DATA_TERMS_OFF}
     unlearn(gan, x, config=UnlearnConfig(**cfg, seed=0), progress=False, state_dir=tmp_path / "st")
     assert json.loads((tmp_path / "st" / "card.json").read_text())["step"] == 4
     with pytest.raises(ConfigError, match=r"other stage-2 settings \(differ: g_lr\)"):
-        unlearn(gan, x, config=UnlearnConfig(**cfg, g_lr=1e-3), progress=False, state_dir=tmp_path / "st")
+        unlearn(gan, x, config=UnlearnConfig(**cfg, g_lr=5e-4), progress=False, state_dir=tmp_path / "st")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from agu_lib.losses import (
 )
 from agu_lib.models import GAN, build_gan, generator_params
 from agu_lib.training import FlatParams, TrainNets
-from agu_lib.unlearn import Repulsion, UnlearnConfig, repulsion_step, unlearn
+from agu_lib.unlearn import DATA_TERMS_OFF, Repulsion, UnlearnConfig, repulsion_step, unlearn
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -189,7 +190,7 @@ def test_train_nets_compile_is_wired(tiny_gan, monkeypatch):
 @pytest.mark.skipif(os.environ.get("AGU_TEST_COMPILE") != "1",
                     reason="torch.compile on the CPU builds C++ kernels: minutes on a small machine; set AGU_TEST_COMPILE=1")
 def test_unlearn_with_compile_matches_eager(tiny_gan):
-    cfg = {"method": "finetune", "iters": 3, "batch_size": 8, "log_every": 3}
+    cfg = {"method": "finetune", "iters": 3, "batch_size": 8, "log_every": 3, **DATA_TERMS_OFF}
     pos = tiny_gan.sample(32, seed=2)
     a = unlearn(tiny_gan, pos, [], UnlearnConfig(**cfg), progress=False).gan
     b = unlearn(tiny_gan, pos, [], UnlearnConfig(**cfg, compile=True), progress=False).gan
@@ -215,6 +216,8 @@ def test_bench_variants_run_the_library_steps(tiny_gan):
     finally:
         sys.path.remove(str(BENCH))
     v = Variants(tiny_gan, "cpu", batch1=4, batch2=8, fisher_samples=4)
-    for step in (v.plain(1), v.stage1(), v.plain(2), v.stage2(1), v.stage2(5), v.stage2(2, mode="loss"), v.ewc2()):
+    v.ucfg = replace(v.ucfg, negative_weight=1.0, negative_latent_weight=1.0, preserve_weight=1.0)
+    for step in (v.plain(1), v.stage1(), v.plain(2), v.stage2(1), v.stage2(5), v.stage2(2, mode="loss"), v.ewc2(),
+                 v.stage2(5, distance="fisher"), v.stage2_data_terms(2)):
         losses = step()
         assert all(torch.isfinite(x).all() for x in losses)
