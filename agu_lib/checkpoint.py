@@ -84,7 +84,7 @@ def sha256_file(path: Path) -> str:
 
 
 #: files that mark a directory as agu's own (a checkpoint's card, a run's record), so it may be replaced
-AGU_MARKERS = ("card.json", "metrics.json", "run-state.json")
+AGU_MARKERS = ("card.json", "metrics.json", "run-state.json", "table.json")
 
 
 def check_replaceable(path) -> None:

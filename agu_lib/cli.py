@@ -427,6 +427,31 @@ def add_method_commands(sub) -> None:
     p.add_argument("--retrain-iters", type=int, default=None, help="iterations of the from-scratch GAN (default: 3000)")
     p.set_defaults(func=cmd_table)
 
+    p = sub.add_parser("merge-tables", help="one table from agu table runs over different classes (same settings)")
+    p.add_argument("tables", nargs="+", help="--out folders of agu table runs")
+    p.add_argument("--out", required=True, help="folder for the merged table.md, table.csv, table.json")
+    p.set_defaults(func=cmd_merge_tables)
+
+
+def cmd_merge_tables(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .checkpoint import check_replaceable
+    from .errors import DataError
+    from .pipeline import merge_tables, write_table
+
+    parts = []
+    for d in args.tables:
+        f = Path(d) / "table.json"
+        if not f.is_file():
+            raise DataError(f"{d} holds no table.json: give the --out folders of agu table runs")
+        parts.append(json.loads(f.read_text()))
+    check_replaceable(args.out)
+    write_table(merge_tables(parts, [str(d) for d in args.tables]), args.out)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/table.md, table.csv, table.json (merged from {len(parts)} tables)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")

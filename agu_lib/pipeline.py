@@ -393,6 +393,33 @@ def table(
     return result
 
 
+def merge_tables(parts: list[dict], sources: list[str] | None = None) -> dict:
+    """One table from tables of the same GAN and settings over different classes (e.g. one
+    ``agu table`` per class, run side by side): records and classes concatenated in the given
+    order. Refuses tables whose feature network, seeds, methods or settings differ, or whose
+    classes overlap (``ConfigError``)."""
+    if not parts:
+        raise ConfigError("merge_tables needs at least one table")
+    names = sources or [f"table {i + 1}" for i in range(len(parts))]
+    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "command"}
+    first = parts[0]
+    for name, part in zip(names[1:], parts[1:]):
+        for key in ("feature_network", "seeds", "methods"):
+            if part[key] != first[key]:
+                raise ConfigError(f"{name} has other {key} ({part[key]}) than {names[0]} ({first[key]}): "
+                                  "only tables made with the same settings can be merged")
+        if strip(part["config"]) != strip(first["config"]):
+            differ = sorted(k for k in set(part["config"]) | set(first["config"])
+                            if k != "command" and part["config"].get(k) != first["config"].get(k))
+            raise ConfigError(f"{name} was made with other settings than {names[0]} (differ: {', '.join(differ)})")
+    classes = [c for part in parts for c in part["classes"]]
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"the tables share classes ({classes}): merge tables of different classes")
+    commands = [part["config"].get("command") for part in parts]
+    return {**first, "classes": classes, "records": [r for part in parts for r in part["records"]],
+            "config": {**first["config"], "command": commands}, "merged_from": names}
+
+
 def aggregate(result: dict) -> dict:
     """{method: {class: {metric: (mean, std)}}} over seeds."""
     agg: dict = {}

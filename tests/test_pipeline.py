@@ -94,3 +94,39 @@ def test_a_diverged_method_is_a_row_not_the_end_of_the_table(tmp_path, monkeypat
     head, *rows = (out / "table.csv").read_text().splitlines()
     col = head.split(",").index("diverged")
     assert [r.split(",")[col] for r in rows if ",nl2," in r] == ["1"]
+
+
+def _fake_table(cls, methods=("el2",), seeds=(0, 1), command="agu table x"):
+    recs = []
+    for s in seeds:
+        recs.append({"class": cls, "seed": s, "method": "original", "seconds": 0.0, "pul": 0.0, "fid_positives_ratio": 1.0})
+        recs += [{"class": cls, "seed": s, "method": m, "seconds": 1.0, "pul": 50.0 + cls + s, "fid_positives_ratio": 0.5}
+                 for m in methods]
+    return {"feature_network": "net", "classes": [cls], "seeds": list(seeds), "methods": list(methods),
+            "config": {"n_eval": 10, "command": command}, "records": recs}
+
+
+def test_merge_tables_joins_classes_and_refuses_mismatches(tmp_path, capsys):
+    import pytest
+
+    from agu_lib.errors import ConfigError
+    from agu_lib.pipeline import merge_tables, write_table
+
+    for c in (1, 4):
+        write_table(_fake_table(c, command=f"agu table x --forget {c}"), tmp_path / f"t{c}")
+    assert main(["merge-tables", str(tmp_path / "t1"), str(tmp_path / "t4"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "table.json").read_text())
+    assert merged["classes"] == [1, 4] and len(merged["records"]) == 8
+    assert merged["config"]["command"] == ["agu table x --forget 1", "agu table x --forget 4"]
+    md = (tmp_path / "m" / "table.md").read_text()
+    assert "class 1 | class 4" in md and "51.5 ± 0.7" in md and "54.5 ± 0.7" in md
+    with pytest.raises(ConfigError, match="methods"):
+        merge_tables([_fake_table(1), _fake_table(4, methods=("el2", "finetune"))])
+    with pytest.raises(ConfigError, match="share classes"):
+        merge_tables([_fake_table(1), _fake_table(1)])
+    other = _fake_table(4)
+    other["config"]["n_eval"] = 20
+    with pytest.raises(ConfigError, match="differ: n_eval"):
+        merge_tables([_fake_table(1), other])
+    assert main(["merge-tables", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
+    assert "holds no table.json" in capsys.readouterr().err
