@@ -34,7 +34,7 @@ from .feedback import collect
 from .metrics import evaluate, make_context
 from .models import GAN
 from .plotting import save_grid
-from .training import MAX_SEED, check_int
+from .training import MAX_SEED, check_int, check_positive
 from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
 
 METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
@@ -75,6 +75,7 @@ class RunConfig:
             raise ConfigError("RunConfig.adapt must be an AdaptConfig and RunConfig.unlearn an UnlearnConfig")
         self.unlearn.method = self.method if self.method in REPULSION_METHODS + FINETUNE_METHODS else self.unlearn.method
         self.adapt.validate()
+        check_positive("unlearn: negative_weight", self.unlearn.negative_weight, allow_zero=True)  # uses_adapted reads it
         self.unlearn.validate(self.adapt.n_models if uses_adapted(self.method, self) else 0)
 
 

@@ -221,3 +221,10 @@ def test_slopes_of_a_custom_repulsion_by_autograd():
     d = torch.tensor([0.5, 2.0])
     value, c = repulsion_slopes(d, lambda x: (1.0 / (1.0 + x)).sum())
     assert torch.allclose(value, torch.tensor(1 / 1.5 + 1 / 3)) and torch.allclose(c, 1.0 / (1.0 + d) ** 2)
+
+
+def test_a_non_number_weight_is_a_config_error_before_anything_reads_it():
+    cfg = RunConfig(method="finetune")
+    cfg.unlearn.negative_weight = None  # found by the property test: uses_adapted compared it with 0
+    with pytest.raises(ConfigError, match="negative_weight"):
+        cfg.validate()
