@@ -11,6 +11,7 @@ import torch
 
 from agu_lib.data import mnist_dir as _mnist_dir
 from agu_lib.data import third_party_dir as _third_party_dir
+from agu_lib.feedback import PredicateOracle, collect
 from agu_lib.models import build_gan
 
 torch.set_num_threads(1)  # the test machines are small and shared
@@ -21,6 +22,18 @@ def tiny_gan():
     """A freshly initialised, seeded 16x16 grayscale DCGAN with 8 channels and latent_dim 8."""
     torch.manual_seed(0)
     return build_gan("dcgan", 8, (1, 16, 16), channels=8)
+
+
+def bright(x):
+    """Negative = brighter than average (a predicate that splits a random GAN's samples)."""
+    m = x.flatten(1).mean(1)
+    return m > m.median()
+
+
+@pytest.fixture
+def feedback(tiny_gan):
+    """64 samples of ``tiny_gan`` split by ``bright``: 32 negatives, 32 positives, with their latents."""
+    return collect(tiny_gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from agu_lib import cli
 from agu_lib.adapt import AdaptConfig, adapt
 from agu_lib.checkpoint import load_training_state, save_training_state
 from agu_lib.errors import ConfigError
-from agu_lib.feedback import PredicateOracle, collect
 from agu_lib.losses import REPULSIONS, d_negative_loss, flatten_params, preserve_loss, repulsion_slopes
 from agu_lib.models import generator_params
 from agu_lib.pipeline import RunConfig, uses_adapted
@@ -22,16 +21,6 @@ from agu_lib.unlearn import DATA_TERMS_OFF, PAPER_STAGE2, UnlearnConfig, adapted
 
 TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4, **DATA_TERMS_OFF)
 TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0}
-
-
-def bright(x):
-    m = x.flatten(1).mean(1)
-    return m > m.median()
-
-
-@pytest.fixture
-def feedback(tiny_gan):
-    return collect(tiny_gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
 
 
 @pytest.fixture

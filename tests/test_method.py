@@ -8,24 +8,12 @@ import torch
 from agu_lib.adapt import AdaptConfig, adapt
 from agu_lib.directions import extrapolate, mean_gan
 from agu_lib.errors import ConfigError, DataError
-from agu_lib.feedback import PredicateOracle, collect
 from agu_lib.losses import flatten_params
 from agu_lib.models import generator_params
 from agu_lib.unlearn import UnlearnConfig, unlearn
 
 TINY_ADAPT = AdaptConfig(iters=6, batch_size=4, n_negatives=8, fisher_samples=4, log_every=3)
 TINY_UNLEARN = UnlearnConfig(iters=6, batch_size=8, fisher_samples=4, log_every=3)
-
-
-def bright(x):
-    """Negative = brighter than average (a predicate that splits a random GAN's samples)."""
-    m = x.flatten(1).mean(1)
-    return m > m.median()
-
-
-@pytest.fixture
-def feedback(tiny_gan):
-    return collect(tiny_gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
 
 
 def theta(gan):
