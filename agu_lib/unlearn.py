@@ -85,6 +85,7 @@ from .training import (
     TrainNets,
     adam,
     augment,
+    autocast,
     check_int,
     check_positive,
     d_step,
@@ -266,10 +267,13 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
     g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
     if keep is not None:  # + beta_P * mean (G(z_pos) - x_pos)^2, accumulated into G's gradients
         z_pos, x_pos = keep
-        (cfg.preserve_weight * preserve_loss(nets.generate(z_pos), x_pos)).backward()
+        with autocast(device, cfg.amp):
+            keep_loss = preserve_loss(nets.generate(z_pos).float(), x_pos)
+        (cfg.preserve_weight * keep_loss).backward()
     if zneg is not None:  # + beta_Z * E_{z_neg}[softplus(-D(G(z_neg)))]
-        with nets.d_frozen():
-            (cfg.negative_latent_weight * g_nonsaturating_loss(nets.discriminate(aug(nets.generate(zneg))))).backward()
+        with nets.d_frozen(), autocast(device, cfg.amp):
+            neg_loss = g_nonsaturating_loss(nets.discriminate(aug(nets.generate(zneg))))
+        (cfg.negative_latent_weight * neg_loss.float()).backward()
     value = dist = torch.zeros((), device=device)
     if cfg.method == "ewc":  # d(lambda EWC)/dtheta = 2 lambda F (theta - theta_G)
         ewc, grad = ewc_penalty_grad(flat.read(), reg.anchor, reg.fisher, *flat.scratch)
