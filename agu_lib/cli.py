@@ -371,15 +371,15 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--alpha", type=float, default=None, help="EL2 sharpness")
     p.add_argument("--distance", default=None, choices=DISTANCES, help="parameter distance of the repulsion")
     p.add_argument("--iters", type=int, default=None, help="stage-2 iterations")
-    p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-4)")
+    p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-3; 1e-4 with --paper-stage2)")
     p.add_argument("--negative-weight", type=float, default=None,
-                   help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 0: off)")
+                   help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 3; 0: off)")
     p.add_argument("--negative-latent-weight", type=float, default=None,
-                   help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 0)")
+                   help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 3)")
     p.add_argument("--paper-stage2", action="store_true",
                    help="the paper's stage 2: no data terms, G lr 1e-4 (flags given with it still apply)")
     p.add_argument("--preserve-weight", type=float, default=None,
-                   help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 0)")
+                   help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 100)")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")

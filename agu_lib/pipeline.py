@@ -30,7 +30,7 @@ from .checkpoint import atomic_dir, check_replaceable, load_gan, save_gan, write
 from .directions import extrapolate, mean_gan
 from .distributed import barrier, is_main_process
 from .errors import ConfigError, DataError, TrainingError
-from .feedback import collect
+from .feedback import Feedback, collect
 from .metrics import evaluate, make_context
 from .models import GAN
 from .plotting import save_grid
@@ -96,14 +96,13 @@ def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, d
     return gan
 
 
-def apply_method(method: str, gan: GAN, positives, adapted, cfg: RunConfig, real_without, device, progress, latents=(None, None),
+def apply_method(method: str, gan: GAN, feedback: Feedback, adapted, cfg: RunConfig, real_without, device, progress,
                  state_dir=None) -> tuple[GAN, list]:
     """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining).
     ``state_dir``: resumable checkpoints of ``unlearn`` (repulsion and fine-tuning methods)."""
     if method in REPULSION_METHODS + FINETUNE_METHODS:
         ucfg = UnlearnConfig(**{**asdict(cfg.unlearn), "method": method, "seed": cfg.seed})
-        res = unlearn(gan, positives, adapted, ucfg, device=device, progress=progress, state_dir=state_dir,
-                      positive_latents=latents[0], negative_latents=latents[1])
+        res = unlearn(gan, feedback, adapted, ucfg, device=device, progress=progress, state_dir=state_dir)
         return res.gan, res.log
     if method == "extrapolate":
         return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), []
@@ -173,8 +172,7 @@ def run(
 
     # 3. stage 2 (or the baseline)
     t = time.perf_counter()
-    result, log = apply_method(cfg.method, gan, fb.positives, adapted, cfg, real_without, device, progress,
-                               latents=(fb.positive_latents, fb.negative_latents),
+    result, log = apply_method(cfg.method, gan, fb, adapted, cfg, real_without, device, progress,
                                state_dir=state / "unlearn")
     if log:
         logs["unlearn"] = log
@@ -369,8 +367,7 @@ def table(
                     result, seconds = retrained, t_retrain
                 else:
                     try:
-                        result, _ = apply_method(method, gan, fb.positives, adapted, cfg, real_without, device, progress,
-                                                 latents=(fb.positive_latents, fb.negative_latents))
+                        result, _ = apply_method(method, gan, fb, adapted, cfg, real_without, device, progress)
                     except TrainingError as e:  # a diverged method is a result (a row says so), not the end of the table
                         records.append({"class": cls, "seed": seed, "method": method, "seconds": time.perf_counter() - t,
                                         "diverged": str(e)})
@@ -402,16 +399,15 @@ def merge_tables(parts: list[dict], sources: list[str] | None = None) -> dict:
     if not parts:
         raise ConfigError("merge_tables needs at least one table")
     names = sources or [f"table {i + 1}" for i in range(len(parts))]
-    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "command"}
     first = parts[0]
     for name, part in zip(names[1:], parts[1:]):
         for key in ("feature_network", "seeds", "methods"):
             if part[key] != first[key]:
                 raise ConfigError(f"{name} has other {key} ({part[key]}) than {names[0]} ({first[key]}): "
                                   "only tables made with the same settings can be merged")
-        if strip(part["config"]) != strip(first["config"]):
-            differ = sorted(k for k in set(part["config"]) | set(first["config"])
-                            if k != "command" and part["config"].get(k) != first["config"].get(k))
+        differ = sorted(k for k in set(part["config"]) | set(first["config"])
+                        if k != "command" and part["config"].get(k) != first["config"].get(k))
+        if differ:
             raise ConfigError(f"{name} was made with other settings than {names[0]} (differ: {', '.join(differ)})")
     classes = [c for part in parts for c in part["classes"]]
     if len(set(classes)) != len(classes):

@@ -397,9 +397,10 @@ def unlearn(
     # --- train: the GAN game on the positives plus the regulariser on G -----------------
     for step in bar:
         idx = sample_index(len(pool), cfg.batch_size, gen, device)  # positives (and their latents for beta_P)
-        real = augment(pool[idx], cfg.augment_shift, cfg.instance_noise, gen)
+        x = pool[idx]
+        real = augment(x, cfg.augment_shift, cfg.instance_noise, gen)
         z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
-        keep = (z_pos[idx], pool[idx]) if z_pos is not None else None
+        keep = (z_pos[idx], x) if z_pos is not None else None
         neg = augment(sample_batch(neg_pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
             if neg_pool is not None else None
         zn = z_neg[sample_index(len(z_neg), cfg.batch_size, gen, device)] if z_neg is not None else None
