@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .distributed import broadcast_
 from .errors import DataError
-from .losses import ewc_penalty_grad, fisher_diagonal, flatten_params
+from .losses import fisher_diagonal, flatten_params
 from .models import GAN, generator_params
 from .training import (
     MAX_SEED,
@@ -41,7 +41,7 @@ class AdaptConfig:
     iters: int = 1000  # training steps per adapted model (paper's code: ~2000 at batch 16 on MNIST)
     batch_size: int = 16  # as in the paper's code
     n_negatives: int = 32  # negatives per adapted model (paper's code: ~20 on MNIST)
-    n_models: int = 1  # K adapted models, each from its own draw of negatives (paper's code: 5)
+    n_models: int = 5  # K adapted models, each from its own draw of negatives (as the paper's code); 1: digits class 8 PUL 59 vs 79
     g_lr: float = 2e-3  # G must travel far from theta_G in few steps ...
     d_lr: float = 1e-3  # ... and D must learn the negatives fast (it is at chance against the pre-trained G)
     ewc_lambda: float = 0.1  # lambda with the mean-normalised Fisher; 1 kept the digits GAN at <60% negatives
@@ -73,19 +73,24 @@ class AdaptResult:
     config: dict = field(default_factory=dict)
 
 
-def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor, fisher, cfg: AdaptConfig, gen, device):
+def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor, fisher, cfg: AdaptConfig, gen, device,
+               with_value: bool = True):
     """One step of stage 1 on a batch (``real``: negatives, already augmented; ``z``: latents):
-    D's step, then G's. Returns the losses ``(d_loss, g_adv, ewc)``, detached, on the device."""
+    D's step, then G's. Returns the losses ``(d_loss, g_adv, ewc)``, detached, on the device
+    (``ewc`` is 0 unless ``with_value``: the loop asks for it on the steps it logs)."""
     aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
     # D step: max_phi L_adv
     d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)
 
     # G step: min_theta L_adv + lambda * EWC(theta). EWC's gradient, 2 F (theta - theta_G), is added
-    # to the adversarial one by hand (fp32, no autograd graph through the (P,) vector)
+    # to the adversarial one by hand (fp32, no autograd graph through the (P,) vector): three passes
+    # over P floats, EWC's value (F diff . diff) a fourth on the logged steps only
     g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
-    ewc, ewc_grad = ewc_penalty_grad(flat.read(), anchor, fisher, *flat.scratch)
-    flat.add_to_grad_(ewc_grad, alpha=cfg.ewc_lambda)
+    diff = torch.sub(flat.read(), anchor, out=flat.scratch[0])  # theta - theta_G
+    fdiff = torch.mul(diff, fisher, out=flat.scratch[1])  # F (theta - theta_G)
+    flat.add_to_grad_(fdiff, alpha=2 * cfg.ewc_lambda, views=flat.scratch_views[1])  # + lambda * 2 F (theta - theta_G)
+    ewc = torch.dot(fdiff, diff) if with_value else torch.zeros((), device=diff.device)
     opt_g.step()
     return d_loss, g_adv, ewc
 
@@ -134,14 +139,15 @@ def adapt(
         flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
         opt_g = adam(model.generator.parameters(), cfg.g_lr)
         opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
-        log = LossLog(["d_loss", "g_adv", "ewc"], cfg.log_every, f"adapt (model {k + 1}/{cfg.n_models})")
+        log = LossLog(["d_loss", "g_adv", "ewc"], cfg.log_every, f"adapt (model {k + 1}/{cfg.n_models})", last=("ewc",))
         bar = tqdm(range(cfg.iters), desc=f"adapt {k + 1}/{cfg.n_models}", disable=not progress, leave=False)
 
         # --- train: the GAN game on the negatives, EWC on G -------------------------------
         for step in bar:
             real = augment(sample_batch(real_set, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
             z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
-            d_loss, g_adv, ewc = adapt_step(nets, opt_g, opt_d, real, z, flat, anchor, fisher, cfg, gen, device)
+            logged = (step + 1) % cfg.log_every == 0 or step == cfg.iters - 1  # EWC's value: only on the logged steps
+            d_loss, g_adv, ewc = adapt_step(nets, opt_g, opt_d, real, z, flat, anchor, fisher, cfg, gen, device, logged)
             row = log.add(step, d_loss, g_adv, ewc)
             if row and progress:
                 bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")

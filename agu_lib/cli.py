@@ -205,6 +205,7 @@ CONFIG_FLAGS = [
     ("adapt_iters", "adapt", "iters"), ("k", "adapt", "n_models"), ("lam", "adapt", "ewc_lambda"),
     ("unlearn_g_lr", "unlearn", "g_lr"), ("negative_weight", "unlearn", "negative_weight"),
     ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
+    ("detector_weight", "unlearn", "detector_weight"),
 ]
 
 
@@ -380,6 +381,8 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
                    help="the paper's stage 2: no data terms, G lr 1e-4 (flags given with it still apply)")
     p.add_argument("--preserve-weight", type=float, default=None,
                    help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 100)")
+    p.add_argument("--detector-weight", type=float, default=None,
+                   help="stage 2: push G's samples away from what a detector (a copy of D trained on the feedback) calls negative")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")

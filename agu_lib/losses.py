@@ -34,6 +34,11 @@ def preserve_loss(generated: torch.Tensor, original: torch.Tensor) -> torch.Tens
     return (generated - original).pow(2).mean()
 
 
+# L_det = E_z[softplus(h(G(z)))]: G's samples away from what the detector h calls negative
+def detector_loss(detector_logits: torch.Tensor) -> torch.Tensor:
+    return F.softplus(detector_logits).mean()
+
+
 # L_G = E_z[softplus(-D(G(z)))]                                   (non-saturating)
 def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake_logits).mean()

@@ -134,14 +134,17 @@ def d_step(nets: TrainNets, opt_d, real: torch.Tensor, z: torch.Tensor, aug, dev
     return d_loss.detach()
 
 
-def g_backward(nets: TrainNets, opt_g, z: torch.Tensor, aug, device, amp: bool) -> torch.Tensor:
+def g_backward(nets: TrainNets, opt_g, z: torch.Tensor, aug, device, amp: bool, extra=None) -> torch.Tensor:
     """G's adversarial gradient: L_G = E_z[softplus(-D(G(z)))] backpropagated into G's (zeroed)
-    gradients, D frozen. The caller adds its penalty's gradient and calls ``opt_g.step()``.
-    Returns L_G (detached)."""
+    gradients, D frozen. ``extra``: a function of the same batch of G's samples whose loss joins
+    L_G's backward (one forward of G for both). The caller adds its penalty's gradient and calls
+    ``opt_g.step()``. Returns L_G (detached)."""
     with nets.d_frozen(), autocast(device, amp):
-        g_adv = g_nonsaturating_loss(nets.discriminate(aug(nets.generate(z))))
+        fake = nets.generate(z)
+        g_adv = g_nonsaturating_loss(nets.discriminate(aug(fake)))
+        total = g_adv if extra is None else g_adv + extra(fake)
     opt_g.zero_grad(set_to_none=True)
-    g_adv.float().backward()
+    total.float().backward()
     return g_adv.detach()
 
 
@@ -157,7 +160,8 @@ class FlatParams:
     - ``read()``: theta (the live buffer, not a copy: read-only for callers);
     - ``add_(v, alpha)``: theta += alpha * v, in place;
     - ``add_to_grad_(v, alpha)``: grad += alpha * v (after backward, before the optimiser step);
-    - ``scratch``: two preallocated ``(P,)`` buffers for the penalties' intermediate vectors.
+    - ``scratch``: two preallocated ``(P,)`` buffers for the penalties' intermediate vectors
+      (``scratch_views``: their per-parameter views).
     """
 
     def __init__(self, params):
@@ -173,6 +177,7 @@ class FlatParams:
                     p.data = v.view_as(p)
         self.scratch = (torch.empty_like(self.theta), torch.empty_like(self.theta))
         self._sizes = sizes
+        self.scratch_views = tuple(self._views(b) for b in self.scratch)  # their per-parameter views, made once
 
     def _views(self, v: torch.Tensor) -> list[torch.Tensor]:
         return [t.view(p.shape) for t, p in zip(v.split(self._sizes), self.params)]
@@ -190,14 +195,18 @@ class FlatParams:
             else:
                 torch._foreach_add_(self.params, self._views(v), alpha=alpha)
 
-    def add_to_grad_(self, v: torch.Tensor, alpha: float = 1.0) -> None:
+    def _grads(self) -> list[torch.Tensor]:
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):  # a parameter the adversarial loss did not reach
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             grads = [p.grad for p in self.params]
-        torch._foreach_add_(grads, self._views(v), alpha=alpha)
+        return grads
+
+    def add_to_grad_(self, v: torch.Tensor, alpha: float = 1.0, views: list[torch.Tensor] | None = None) -> None:
+        """grad += alpha * v (``views``: ``v``'s per-parameter views when the caller has them, e.g. ``scratch_views``)."""
+        torch._foreach_add_(self._grads(), views if views is not None else self._views(v), alpha=alpha)
 
     def release(self) -> None:
         """Every parameter gets its own storage again (values unchanged); theta is no longer live."""
@@ -210,10 +219,13 @@ class FlatParams:
 
 class LossLog:
     """Keeps per-step losses on the device; turns them into floats only every ``every`` steps
-    (one host sync per window), checking that they are finite."""
+    (one host sync per window), checking that they are finite. A row holds each loss's mean over
+    the window, except the ``last`` ones: their value on the window's last step (a quantity the
+    loop computes only on the steps it logs)."""
 
-    def __init__(self, names: list[str], every: int, stage: str):
+    def __init__(self, names: list[str], every: int, stage: str, last: tuple[str, ...] = ()):
         self.names, self.every, self.stage = names, max(1, every), stage
+        self.last = [n in last for n in names]
         self.window: list[torch.Tensor] = []
         self.rows: list[dict] = []
 
@@ -230,7 +242,7 @@ class LossLog:
         self.window = []
         vals = w.cpu()
         self._check_finite(vals, step)
-        row = {"step": step + 1, **{n: float(v) for n, v in zip(self.names, vals.mean(0))}}
+        row = {"step": step + 1, **{n: float(v[-1] if last else v.mean()) for n, v, last in zip(self.names, vals.t(), self.last)}}
         self.rows.append(row)
         return row
 

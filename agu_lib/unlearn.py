@@ -51,6 +51,7 @@ be 10x higher (1e-3) without losing the positives. The repulsion adds little on 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +71,8 @@ from .losses import (
     ewc_penalty_grad,
     fisher_diagonal,
     flatten_params,
+    d_logistic_loss,
+    detector_loss,
     g_nonsaturating_loss,
     param_distance,
     per_tensor_weights,
@@ -123,6 +126,8 @@ class UnlearnConfig:
     negative_pool: int = 2000  # samples drawn once from the adapted GANs for negative_weight
     negative_latent_weight: float = 3.0  # beta_Z: G's adversarial loss again on the flagged negatives' latents
     preserve_weight: float = 100.0  # beta_P: mean (G(z_pos) - x_pos)^2 on the positives' own latents
+    detector_weight: float = 0.0  # beta_H: G's samples away from what a detector h (a copy of D trained on the feedback) calls negative
+    detector_iters: int = 500  # training steps of the detector h (batch 64, once, before stage 2)
     augment_shift: int = 0
     fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
     log_every: int = 50
@@ -150,14 +155,15 @@ class UnlearnConfig:
                 raise ConfigError(f"method {self.method} needs at least one adapted GAN (run stage 1 first)")
             check_positive("alpha", self.alpha)
             check_positive("repulsion_lr", self.repulsion_lr)
-        for name in ("iters", "batch_size", "fisher_samples", "log_every", "checkpoint_every"):
+        for name in ("iters", "batch_size", "fisher_samples", "log_every", "checkpoint_every", "detector_iters"):
             check_int(f"unlearn: {name}", getattr(self, name))
         check_int("unlearn: augment_shift", self.augment_shift, minimum=0)
         check_int("unlearn: seed", self.seed, minimum=0, maximum=MAX_SEED)
         for name in ("g_lr", "d_lr"):
             check_positive(f"unlearn: {name}", getattr(self, name))
         check_int("unlearn: negative_pool", self.negative_pool)
-        for name in ("ewc_lambda", "instance_noise", "negative_weight", "negative_latent_weight", "preserve_weight"):
+        for name in ("ewc_lambda", "instance_noise", "negative_weight", "negative_latent_weight", "preserve_weight",
+                     "detector_weight"):
             check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
 
 
@@ -192,6 +198,10 @@ def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, n
         raise ConfigError("negative_weight > 0 takes samples of the adapted GANs as fakes for D, and none were given: "
                           "run stage 1 first and pass its GANs (agu run does; agu unlearn --adapted DIR), or set "
                           "negative_weight to 0 (--negative-weight 0)")
+    if cfg.detector_weight > 0 and negative_latents is None and not adapted:
+        raise ConfigError("detector_weight > 0 trains the detector on known negatives: the flagged negatives (their latents, "
+                          "negative_latents) or samples of the adapted GANs, and neither was given. Pass the Feedback of "
+                          "feedback.collect and/or the adapted GANs, or set detector_weight to 0 (--detector-weight 0)")
     for weight, name, z, want in (("preserve_weight", "positive_latents", positive_latents, len(positives)),
                                   ("negative_latent_weight", "negative_latents", negative_latents, None)):
         bad = z is None or z.ndim != 2 or z.shape[1] != latent_dim or len(z) == 0 or (want is not None and len(z) != want)
@@ -209,6 +219,31 @@ def adapted_samples(adapted: list[GAN], n: int, seed: int, device) -> torch.Tens
     per = -(-n // len(adapted))
     return torch.cat([a.to(device).eval().generate(a.sample_latents(per, seed=seed + 104729 + k, device=device))
                       for k, a in enumerate(adapted)])[:n]
+
+
+def train_detector(like: torch.nn.Module, negatives: torch.Tensor, positives: torch.Tensor, iters: int, seed: int,
+                   device, batch_size: int = 64, lr: float = 1e-3) -> torch.nn.Module:
+    """The detector h of the beta_H term: a copy of ``like`` (the GAN's D, so it fits any image
+    shape and starts from features of these images) trained to give ``negatives`` a positive
+    logit and ``positives`` a negative one, min_h E_neg[softplus(-h)] + E_pos[softplus(h)], on
+    balanced batches; then frozen. Every process trains the same h (its own seeded generator, no
+    sharding; rank 0's weights are broadcast)."""
+    h = copy.deepcopy(like).to(device).train().requires_grad_(True)
+    opt = adam(h.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed + 15485863)
+    half = batch_size // 2
+    with torch.enable_grad():
+        for _ in range(iters):
+            xn = negatives[torch.randint(0, len(negatives), (half,), generator=gen).to(negatives.device)]
+            xp = positives[torch.randint(0, len(positives), (half,), generator=gen).to(positives.device)]
+            loss = d_logistic_loss(h(xn).reshape(-1), h(xp).reshape(-1))  # negatives play "real": logit > 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    h.eval().requires_grad_(False)
+    for p in h.parameters():
+        broadcast_(p.data)
+    return h
 
 
 @dataclass
@@ -251,7 +286,7 @@ def repulsion_step(flat: FlatParams, rep: Repulsion, rate: float):
 
 
 def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device,
-                 negatives=None, keep=None, zneg=None):
+                 negatives=None, keep=None, zneg=None, detector=None):
     """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
     then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None). The data
     terms, when on: ``negatives`` (augmented samples of the adapted GANs: fakes for D), ``keep``
@@ -264,7 +299,8 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
 
     # G step: min_theta L_adv + gamma * L_repulsion   (or + lambda * EWC, or nothing). A penalty's
     # gradient is added to the adversarial one by hand (fp32, no autograd graph through theta)
-    g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
+    extra = (lambda fake: cfg.detector_weight * detector_loss(detector(fake).reshape(-1))) if detector is not None else None
+    g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp, extra)
     if keep is not None:  # + beta_P * mean (G(z_pos) - x_pos)^2, accumulated into G's gradients
         z_pos, x_pos = keep
         with autocast(device, cfg.amp):
@@ -385,6 +421,14 @@ def unlearn(
     z_pos = positive_latents.to(device) if cfg.preserve_weight > 0 else None  # (n_pos, latent_dim)
     z_neg = negative_latents.to(device) if cfg.negative_latent_weight > 0 else None  # (n_neg, latent_dim)
     neg_pool = adapted_samples(adapted, cfg.negative_pool, cfg.seed, device) if cfg.negative_weight > 0 else None
+    detector = None
+    if cfg.detector_weight > 0:  # h: negatives = the flagged ones (G_orig(z_neg)) and samples of the adapted GANs
+        with torch.no_grad():  # (model is still theta_G here; eval mode: no batch-norm statistics change)
+            known = [model.eval().generate(negative_latents.to(device))] if negative_latents is not None else []
+            model.train()
+        if adapted:
+            known.append(neg_pool if neg_pool is not None else adapted_samples(adapted, cfg.negative_pool, cfg.seed, device))
+        detector = train_detector(gan.discriminator, torch.cat(known), pool, cfg.detector_iters, cfg.seed, device)
     log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
     opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
@@ -404,7 +448,8 @@ def unlearn(
         neg = augment(sample_batch(neg_pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
             if neg_pool is not None else None
         zn = z_neg[sample_index(len(z_neg), cfg.batch_size, gen, device)] if z_neg is not None else None
-        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device, neg, keep, zn)
+        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device, neg, keep, zn,
+                                                      detector)
         row = log.add(step, d_loss, g_adv, reg_value, dist)
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")

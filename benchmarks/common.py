@@ -105,7 +105,8 @@ class Variants:
         def step():
             real = augment(sample_batch(self.pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
             z = sample_latent_batch(cfg.batch_size, latent, gen, dev)
-            return adapt_step(nets, opt_g, opt_d, real, z, flat, self.theta_g, self.fisher, cfg, gen, dev)
+            # with_value=False: EWC's value is computed on the logged steps only (1 in log_every)
+            return adapt_step(nets, opt_g, opt_d, real, z, flat, self.theta_g, self.fisher, cfg, gen, dev, with_value=False)
 
         return step
 

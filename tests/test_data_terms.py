@@ -13,14 +13,14 @@ from agu_lib import cli
 from agu_lib.adapt import AdaptConfig, adapt
 from agu_lib.checkpoint import load_training_state, save_training_state
 from agu_lib.errors import ConfigError
-from agu_lib.losses import REPULSIONS, d_negative_loss, flatten_params, preserve_loss, repulsion_slopes
+from agu_lib.losses import REPULSIONS, d_negative_loss, detector_loss, flatten_params, preserve_loss, repulsion_slopes
 from agu_lib.models import generator_params
 from agu_lib.pipeline import RunConfig, uses_adapted
 from agu_lib.training import FlatParams
-from agu_lib.unlearn import DATA_TERMS_OFF, PAPER_STAGE2, UnlearnConfig, adapted_samples, unlearn
+from agu_lib.unlearn import DATA_TERMS_OFF, PAPER_STAGE2, UnlearnConfig, adapted_samples, train_detector, unlearn
 
 TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4, **DATA_TERMS_OFF)
-TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0}
+TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0, "detector_weight": 3.0}
 
 
 @pytest.fixture
@@ -51,6 +51,7 @@ def test_loss_formulas():
     assert torch.allclose(d_negative_loss(logits), F.softplus(logits).mean())
     x = torch.randn(4, 1, 8, 8)
     assert preserve_loss(x, x) == 0
+    assert torch.allclose(detector_loss(logits), F.softplus(logits).mean())
     assert torch.allclose(preserve_loss(x + 0.5, x), torch.tensor(0.25))
 
 
@@ -117,6 +118,39 @@ def test_negative_fakes_teach_d_to_reject_adapted_samples(tiny_gan, feedback, ad
     assert score(replace(cfg, negative_weight=3.0)) < score(cfg) - 0.1
 
 
+def test_detector_learns_to_tell_negatives_from_positives(tiny_gan, feedback):
+    """h starts as a copy of D (which does not know the split) and ends scoring negatives above positives."""
+    neg, pos = feedback.negatives, feedback.positives
+    h = train_detector(tiny_gan.discriminator, neg, pos, iters=200, seed=0, device="cpu")
+    with torch.no_grad():
+        before = float(tiny_gan.discriminate(neg).mean() - tiny_gan.discriminate(pos).mean())
+        hn, hp = h(neg).reshape(-1), h(pos).reshape(-1)
+    assert (hn[:, None] > hp[None, :]).float().mean() > 0.8  # AUC on the feedback (split at the median: a soft border)
+    assert float(hn.mean() - hp.mean()) > before + 0.5
+    assert not any(p.requires_grad for p in h.parameters())  # frozen
+    assert all(p.requires_grad for p in tiny_gan.discriminator.parameters())  # D itself untouched
+    h2 = train_detector(tiny_gan.discriminator, neg, pos, iters=200, seed=0, device="cpu")
+    assert torch.equal(params_of(h), params_of(h2))
+
+
+def params_of(module):
+    return flatten_params(list(module.parameters())).detach()
+
+
+def test_detector_term_pushes_samples_out_of_the_negatives(tiny_gan, feedback, adapted):
+    """beta_H: after stage 2 with the detector term, fewer of G's samples are negative (by the oracle)."""
+    cfg = replace(TINY, method="finetune", iters=100, g_lr=2e-3)
+    z = tiny_gan.sample_latents(256, seed=11)
+
+    def share(c):
+        g = unlearn(tiny_gan, feedback, adapted, c, progress=False).gan
+        with torch.no_grad():
+            x = g.generate(z)
+        return float((x.flatten(1).mean(1) > feedback.positives.flatten(1).mean(1).max()).float().mean())
+
+    assert share(replace(cfg, detector_weight=10.0)) < share(cfg) - 0.05
+
+
 def test_adapted_samples_come_from_every_adapted_gan(tiny_gan, adapted):
     two = [adapted[0], tiny_gan]
     x = adapted_samples(two, 10, seed=0, device="cpu")
@@ -134,6 +168,11 @@ def test_terms_without_their_latents_are_config_errors(tiny_gan, feedback, adapt
     with pytest.raises(ConfigError, match="shape"):  # latents of the wrong size
         unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False,
                 positive_latents=torch.zeros(3, 8), negative_latents=torch.zeros(3, 5))
+
+
+def test_detector_without_any_negatives_is_a_config_error(tiny_gan, feedback):
+    with pytest.raises(ConfigError, match="detector"):
+        unlearn(tiny_gan, feedback.positives, [], replace(TINY, method="finetune", detector_weight=1.0), progress=False)
 
 
 def test_negative_fakes_without_adapted_gans_is_a_config_error(tiny_gan, feedback):
@@ -158,9 +197,9 @@ def test_cli_flags_reach_the_config():
     parser = cli.build_parser()
     args = parser.parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
                               "--negative-weight", "3", "--negative-latent-weight", "2", "--preserve-weight", "100",
-                              "--unlearn-g-lr", "0.001"])
+                              "--unlearn-g-lr", "0.001", "--detector-weight", "5"])
     u = cli._run_config(args).unlearn
-    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr) == (3.0, 2.0, 100.0, 0.001)
+    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr, u.detector_weight) == (3.0, 2.0, 100.0, 0.001, 5.0)
 
 
 # ----------------------------------------------------------------------------------------
