@@ -22,6 +22,10 @@ def test_short_run_lowers_the_forgotten_class(tmp_path, capsys):
     for f in ("unlearned/card.json", "adapted/card.json", "config.json", "log.json", "before.png", "after.png",
               "latents.safetensors", "feedback.json"):
         assert (out / f).is_file(), f
+    # stage 1's default K = 5 adapted models, each from its own draw of negatives: all saved, all different
+    assert sorted(p.name for p in out.glob("adapted*")) == ["adapted", "adapted-1", "adapted-2", "adapted-3", "adapted-4"]
+    assert len(json.loads((out / "log.json").read_text())["adapt"]) == 5
+    assert (out / "adapted" / "generator.safetensors").read_bytes() != (out / "adapted-4" / "generator.safetensors").read_bytes()
     from agu_lib import load_gan
 
     assert load_gan(out / "unlearned").image_shape == (1, 16, 16)
