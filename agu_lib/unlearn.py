@@ -300,7 +300,8 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
     """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
     then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None). The data
     terms, when on: ``negatives`` (augmented samples of the adapted GANs: fakes for D), ``keep``
-    (latents and images of positives: G must keep them), ``zneg`` (latents of flagged negatives).
+    (latents and images of positives: G must keep them), ``zneg`` (latents of flagged negatives),
+    ``detector`` (the frozen h of the opt-in beta_H term, applied to the batch G makes for L_adv).
     Returns the losses ``(d_loss, g_adv, reg, distance)``, detached, on the device."""
     aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
