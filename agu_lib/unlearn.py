@@ -212,8 +212,11 @@ def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, n
         raise ConfigError("detector_weight > 0 trains the detector on known negatives: the flagged negatives (their latents, "
                           "negative_latents) or samples of the adapted GANs, and neither was given. Pass the Feedback of "
                           "feedback.collect and/or the adapted GANs, or set detector_weight to 0 (--detector-weight 0)")
-    for weight, name, z, want in (("preserve_weight", "positive_latents", positive_latents, len(positives)),
-                                  ("negative_latent_weight", "negative_latents", negative_latents, None)):
+    checks = [("preserve_weight", "positive_latents", positive_latents, len(positives)),
+              ("negative_latent_weight", "negative_latents", negative_latents, None)]
+    if cfg.detector_weight > 0 and negative_latents is not None:  # the detector generates the flagged negatives from them
+        checks.append(("detector_weight", "negative_latents", negative_latents, None))
+    for weight, name, z, want in checks:
         bad = z is None or z.ndim != 2 or z.shape[1] != latent_dim or len(z) == 0 or (want is not None and len(z) != want)
         if getattr(cfg, weight) > 0 and bad:
             got = "none" if z is None else f"shape {tuple(z.shape)}"

@@ -173,6 +173,9 @@ def test_terms_without_their_latents_are_config_errors(tiny_gan, feedback, adapt
 def test_detector_without_any_negatives_is_a_config_error(tiny_gan, feedback):
     with pytest.raises(ConfigError, match="detector"):
         unlearn(tiny_gan, feedback.positives, [], replace(TINY, method="finetune", detector_weight=1.0), progress=False)
+    with pytest.raises(ConfigError, match="detector_weight > 0 needs negative_latents"):  # latents of the wrong size
+        unlearn(tiny_gan, feedback.positives, [], replace(TINY, method="finetune", detector_weight=1.0), progress=False,
+                negative_latents=torch.zeros(3, 5))
 
 
 def test_negative_fakes_without_adapted_gans_is_a_config_error(tiny_gan, feedback):
