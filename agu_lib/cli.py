@@ -384,7 +384,7 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--detector-weight", type=float, default=None,
                    help="stage 2: push G's samples away from what a detector (a copy of D trained on the feedback) calls negative")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
-    p.add_argument("--k", type=int, default=None, help="number of adapted models")
+    p.add_argument("--k", type=int, default=None, help="number of adapted models (default 5, as in the paper's code)")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
     p.add_argument("--n-samples", type=int, default=5000, help="samples drawn for feedback (default: 5000)")
