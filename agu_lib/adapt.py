@@ -77,7 +77,7 @@ def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor,
                with_value: bool = True):
     """One step of stage 1 on a batch (``real``: negatives, already augmented; ``z``: latents):
     D's step, then G's. Returns the losses ``(d_loss, g_adv, ewc)``, detached, on the device
-    (``ewc`` is 0 unless ``with_value``: the loop asks for it on the steps it logs)."""
+    (``ewc`` is None unless ``with_value``: the loop asks for it on the steps it logs)."""
     aug = lambda x: augment(x, cfg.augment_shift, cfg.instance_noise, gen)
 
     # D step: max_phi L_adv
@@ -90,7 +90,7 @@ def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor,
     diff = torch.sub(flat.read(), anchor, out=flat.scratch[0])  # theta - theta_G
     fdiff = torch.mul(diff, fisher, out=flat.scratch[1])  # F (theta - theta_G)
     flat.add_to_grad_(fdiff, alpha=2 * cfg.ewc_lambda, views=flat.scratch_views[1])  # + lambda * 2 F (theta - theta_G)
-    ewc = torch.dot(fdiff, diff) if with_value else torch.zeros((), device=diff.device)
+    ewc = torch.dot(fdiff, diff) if with_value else None
     opt_g.step()
     return d_loss, g_adv, ewc
 
@@ -143,12 +143,13 @@ def adapt(
         bar = tqdm(range(cfg.iters), desc=f"adapt {k + 1}/{cfg.n_models}", disable=not progress, leave=False)
 
         # --- train: the GAN game on the negatives, EWC on G -------------------------------
+        unlogged = torch.zeros((), device=device)  # the EWC column on the steps that do not compute it
         for step in bar:
             real = augment(sample_batch(real_set, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen)
             z = sample_latent_batch(cfg.batch_size, gan.latent_dim, gen, device)
             logged = (step + 1) % cfg.log_every == 0 or step == cfg.iters - 1  # EWC's value: only on the logged steps
             d_loss, g_adv, ewc = adapt_step(nets, opt_g, opt_d, real, z, flat, anchor, fisher, cfg, gen, device, logged)
-            row = log.add(step, d_loss, g_adv, ewc)
+            row = log.add(step, d_loss, g_adv, ewc if ewc is not None else unlogged)
             if row and progress:
                 bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")
         log.flush(cfg.iters - 1)

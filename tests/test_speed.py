@@ -219,5 +219,5 @@ def test_bench_variants_run_the_library_steps(tiny_gan):
     v.ucfg = replace(v.ucfg, negative_weight=1.0, negative_latent_weight=1.0, preserve_weight=1.0)
     for step in (v.plain(1), v.stage1(), v.plain(2), v.stage2(1), v.stage2(5), v.stage2(2, mode="loss"), v.ewc2(),
                  v.stage2(5, distance="fisher"), v.stage2_data_terms(2)):
-        losses = step()
-        assert all(torch.isfinite(x).all() for x in losses)
+        losses = step()  # (stage 1 as timed: EWC's value is not computed, None, as on the loop's unlogged steps)
+        assert all(torch.isfinite(x).all() for x in losses[:2]) and all(x is None or torch.isfinite(x).all() for x in losses[2:])
