@@ -205,14 +205,23 @@ CONFIG_FLAGS = [
     ("adapt_iters", "adapt", "iters"), ("k", "adapt", "n_models"), ("lam", "adapt", "ewc_lambda"),
     ("unlearn_g_lr", "unlearn", "g_lr"), ("negative_weight", "unlearn", "negative_weight"),
     ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
-    ("detector_weight", "unlearn", "detector_weight"),
+    ("detector_weight", "unlearn", "detector_weight"), ("g_ema", "unlearn", "g_ema"),
 ]
+
+
+def _n_samples(args) -> int:
+    """--n-samples, else the default: RunConfig's, or the paper's 5,000 with --paper-stage2."""
+    from .pipeline import PAPER_N_SAMPLES, RunConfig
+
+    if args.n_samples is not None:
+        return args.n_samples
+    return PAPER_N_SAMPLES if getattr(args, "paper_stage2", False) else RunConfig.n_samples
 
 
 def _run_config(args):
     from .pipeline import RunConfig
 
-    cfg = RunConfig(method=args.method, seed=args.seed, n_samples=args.n_samples, n_eval=args.n_eval)
+    cfg = RunConfig(method=args.method, seed=args.seed, n_samples=_n_samples(args), n_eval=args.n_eval)
     if getattr(args, "paper_stage2", False):
         from dataclasses import replace
 
@@ -271,7 +280,7 @@ def cmd_adapt(args) -> None:
                 f"(and uses {cfg.n_negatives} per adapted model when there are that many). Add images to the folder"
             )
     else:
-        fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101, min_negatives=needed)
+        fb = collect(gan, _oracle(args, gan, clf), _n_samples(args), seed=args.seed + 101, min_negatives=needed)
         negatives = fb.negatives
     cfg.seed = args.seed
     res = adapt(gan, negatives, cfg, device=device, progress=not args.quiet)
@@ -294,7 +303,7 @@ def cmd_unlearn(args) -> None:
     if not adapted and ucfg.negative_weight > 0 and args.negative_weight is None:  # a fine-tuning baseline on its own
         ucfg.negative_weight = 0.0
         print("note: no --adapted GANs, so no adapted samples as fakes for D (negative weight 0)", file=sys.stderr)
-    fb = collect(gan, _oracle(args, gan, clf), args.n_samples, seed=args.seed + 101)
+    fb = collect(gan, _oracle(args, gan, clf), _n_samples(args), seed=args.seed + 101)
     res = unlearn(gan, fb, adapted, ucfg, device=device, progress=not args.quiet)
     save_gan(res.gan, args.out, step=ucfg.iters, extra={"log": res.log})
     print(f"wrote {args.out} ({ucfg.method}, {ucfg.iters} iterations; last losses {res.log[-1] if res.log else {}})")
@@ -378,16 +387,19 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--negative-latent-weight", type=float, default=None,
                    help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 3)")
     p.add_argument("--paper-stage2", action="store_true",
-                   help="the paper's stage 2: no data terms, G lr 1e-4 (flags given with it still apply)")
+                   help="the paper's stage 2: no data terms, G lr 1e-4, no weight average, 5000 feedback samples (flags given with it still apply)")
     p.add_argument("--preserve-weight", type=float, default=None,
                    help="stage 2: keep G(z) = x on the positives' latents, mean squared error with this weight (default 100)")
     p.add_argument("--detector-weight", type=float, default=None,
                    help="stage 2: push G's samples away from what a detector (a copy of D trained on the feedback) calls negative")
+    p.add_argument("--g-ema", type=float, default=None,
+                   help="stage 2: the unlearned G averages G's weights over the steps with this decay (default 0.99; 0: the last step's)")
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models (default 5, as in the paper's code)")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
-    p.add_argument("--n-samples", type=int, default=5000, help="samples drawn for feedback (default: 5000)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="samples drawn for feedback (default: 20000; 5000, the paper's, with --paper-stage2)")
     p.add_argument("--n-eval", type=int, default=5000, help="evaluation latents (default: 5000)")
     p.add_argument("--real", default="auto", choices=["auto", "digits", "mnist", "none"],
                    help="real data for FID and retraining (default: auto, by the GAN's image shape)")

@@ -39,6 +39,7 @@ from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
 
 METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
 NEEDS_ADAPTED = REPULSION_METHODS + ("extrapolate",)
+PAPER_N_SAMPLES = 5000  # the feedback draw of the paper's code (agu run/table --paper-stage2)
 
 
 def uses_adapted(method: str, cfg: RunConfig) -> bool:
@@ -52,7 +53,7 @@ class RunConfig:
     """Settings of one ``agu run``; the stage configs hold the stages' own settings."""
 
     method: str = "el2"  # one of METHODS
-    n_samples: int = 5000  # samples drawn once for feedback (paper's code: 5000)
+    n_samples: int = 20000  # samples drawn once for feedback (paper's code: 5000; more give stage 2 more flagged latents)
     n_eval: int = 5000  # fixed latents for PUL and the other metrics (paper: ~5000)
     eval_seed: int = 1234  # seed of the evaluation latents (differs from the feedback draw)
     extrapolate_gamma: float = 1.5  # gamma of theta_N + gamma (theta_G - theta_N) for method "extrapolate"

@@ -159,6 +159,7 @@ class FlatParams:
 
     - ``read()``: theta (the live buffer, not a copy: read-only for callers);
     - ``add_(v, alpha)``: theta += alpha * v, in place;
+    - ``write_(v)``: theta = v, in place;
     - ``add_to_grad_(v, alpha)``: grad += alpha * v (after backward, before the optimiser step);
     - ``scratch``: two preallocated ``(P,)`` buffers for the penalties' intermediate vectors
       (``scratch_views``: their per-parameter views).
@@ -194,6 +195,14 @@ class FlatParams:
                 self.theta.add_(v, alpha=alpha)
             else:
                 torch._foreach_add_(self.params, self._views(v), alpha=alpha)
+
+    def write_(self, v: torch.Tensor) -> None:
+        """theta = v, in place (the parameters take the values of ``v``)."""
+        with torch.no_grad():
+            if self.bound:
+                self.theta.copy_(v)
+            else:
+                torch._foreach_copy_(self.params, self._views(v))
 
     def _grads(self) -> list[torch.Tensor]:
         grads = [p.grad for p in self.params]

@@ -139,6 +139,7 @@ class UnlearnConfig:
     preserve_weight: float = 100.0  # beta_P: mean (G(z_pos) - x_pos)^2 on the positives' own latents
     detector_weight: float = 0.0  # beta_H: G's samples away from what a detector h (a copy of D trained on the feedback) calls negative
     detector_iters: int = 500  # training steps of the detector h (batch 64, once, before stage 2)
+    g_ema: float = 0.99  # the unlearned G is an exponential moving average of G's weights (decay per step; 0: the last step's)
     augment_shift: int = 0
     fisher_samples: int = 32  # latents for the Fisher (distance "fisher", method "ewc")
     log_every: int = 50
@@ -173,6 +174,9 @@ class UnlearnConfig:
         for name in ("g_lr", "d_lr"):
             check_positive(f"unlearn: {name}", getattr(self, name))
         check_int("unlearn: negative_pool", self.negative_pool)
+        if not (isinstance(self.g_ema, (int, float)) and 0 <= self.g_ema < 1):
+            raise ConfigError(f"unlearn: g_ema must be in [0, 1), got {self.g_ema!r}: the unlearned G averages G's weights with "
+                              "decay g_ema per step (0.99: over about the last 100 steps; 0: no average, the last step's weights)")
         for name in ("ewc_lambda", "instance_noise", "negative_weight", "negative_latent_weight", "preserve_weight",
                      "detector_weight"):
             check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
@@ -181,7 +185,7 @@ class UnlearnConfig:
 # The paper's stage 2 exactly: no data terms, and the G learning rate it was tuned with here.
 # ``UnlearnConfig(**PAPER_STAGE2)``, ``agu run/table --paper-stage2``.
 DATA_TERMS_OFF = {"negative_weight": 0.0, "negative_latent_weight": 0.0, "preserve_weight": 0.0}
-PAPER_STAGE2 = {**DATA_TERMS_OFF, "g_lr": 1e-4}
+PAPER_STAGE2 = {**DATA_TERMS_OFF, "g_lr": 1e-4, "g_ema": 0.0}
 
 
 @dataclass
@@ -341,9 +345,17 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
     return d_loss, g_adv, value, dist
 
 
-def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog) -> None:
+# b_t = min(g_ema, (1 + t) / (10 + t)) at step t (0-based): the average warms up, so that a short run's
+# G is an average of its own steps and not still theta_G (b_0 = 0.1; g_ema 0.99 is reached at t = 890)
+def ema_decay(g_ema: float, step: int) -> float:
+    return min(g_ema, (1 + step) / (10 + step))
+
+
+def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog,
+               ema: torch.Tensor | None = None) -> None:
     """A resumable checkpoint after ``step`` (0-based): weights, Adam states, random generator
-    states, the losses so far. Refuses to checkpoint a diverged model (``TrainingError``)."""
+    states, the losses so far, G's weight average (``ema``, when on). Refuses to checkpoint a
+    diverged model (``TrainingError``)."""
     pending = log.pending(step)  # checks the unflushed losses are finite
     params = list(model.generator.parameters()) + list(model.discriminator.parameters())
     if not bool(torch.isfinite(flatten_params(params)).all()):
@@ -351,13 +363,16 @@ def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_
                             "a learning rate or gamma too large for this model. Lower them; checkpoints saved so far are intact")
     save_training_state(
         state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d},
-        {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "pending_losses": pending},
+        {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "pending_losses": pending,
+         **({"g_ema": ema} if ema is not None else {})},
         {"stage": "unlearn", "step": step + 1, "log_rows": log.rows, "config": asdict(cfg)},
     )
 
 
-def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog, device) -> int:
-    """Load a checkpoint of ``save_state`` if ``state_dir`` holds one; returns the step to continue from (0: none)."""
+def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog, device,
+               ema: torch.Tensor | None = None) -> int:
+    """Load a checkpoint of ``save_state`` if ``state_dir`` holds one (``ema``: filled in place);
+    returns the step to continue from (0: none)."""
     if not (Path(state_dir) / "card.json").is_file():
         return 0
     tensors, card = load_training_state(
@@ -372,6 +387,8 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
     gen.set_state(tensors["gen"])
     torch.set_rng_state(tensors["torch_rng"])
     log.restore(card["log_rows"], tensors["pending_losses"], device)
+    if ema is not None:
+        ema.copy_(tensors["g_ema"])
     return int(card["step"])
 
 
@@ -447,7 +464,8 @@ def unlearn(
     log = LossLog(["d_loss", "g_adv", "reg", "distance"], cfg.log_every, f"unlearn ({cfg.method})")
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
     opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
-    start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device) if state_dir is not None else 0
+    ema = theta_g.clone() if cfg.g_ema > 0 else None  # (P,) G's weight average, starting at theta_G
+    start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device, ema) if state_dir is not None else 0
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"unlearn {cfg.method}",
                disable=not progress, leave=False)
     nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
@@ -466,11 +484,15 @@ def unlearn(
         d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device, neg, keep, zn,
                                                       detector)
         row = log.add(step, d_loss, g_adv, reg_value, dist)
+        if ema is not None:  # ema <- b * ema + (1 - b) * theta
+            ema.lerp_(flat.read(), 1 - ema_decay(cfg.g_ema, step))
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
         if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters and is_main_process():
-            save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log)
+            save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log, ema)
     log.flush(cfg.iters - 1)
+    if ema is not None:  # the unlearned G is the average (D keeps its last weights)
+        flat.write_(ema)
     flat.release()
 
     # --- done -----------------------------------------------------------------------------
