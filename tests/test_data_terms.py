@@ -57,13 +57,15 @@ def test_loss_formulas():
 
 def test_defaults_have_the_terms_on_and_the_paper_preset_off():
     d = UnlearnConfig()
-    assert (d.negative_weight, d.negative_latent_weight, d.preserve_weight, d.g_lr) == (3.0, 3.0, 100.0, 1e-3)
+    assert (d.negative_weight, d.negative_latent_weight, d.preserve_weight, d.g_lr, d.g_ema) == (3.0, 3.0, 100.0, 1e-3, 0.99)
     p = UnlearnConfig(**PAPER_STAGE2)
-    assert (p.negative_weight, p.negative_latent_weight, p.preserve_weight, p.g_lr) == (0.0, 0.0, 0.0, 1e-4)
-    args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
-                                          "--paper-stage2", "--iters", "7"])
-    u = cli._run_config(args).unlearn
-    assert (u.negative_weight, u.preserve_weight, u.g_lr, u.iters) == (0.0, 0.0, 1e-4, 7)
+    assert (p.negative_weight, p.negative_latent_weight, p.preserve_weight, p.g_lr, p.g_ema) == (0.0, 0.0, 0.0, 1e-4, 0.0)
+    parse = lambda *extra: cli._run_config(cli.build_parser().parse_args(
+        ["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x", *extra]))
+    cfg = parse("--paper-stage2", "--iters", "7")
+    u = cfg.unlearn
+    assert (u.negative_weight, u.preserve_weight, u.g_lr, u.g_ema, u.iters, cfg.n_samples) == (0.0, 0.0, 1e-4, 0.0, 7, 5000)
+    assert parse().n_samples == 20000 and parse("--paper-stage2", "--n-samples", "300").n_samples == 300
 
 
 def test_feedback_object_carries_the_latents(tiny_gan, feedback, adapted):
@@ -200,9 +202,10 @@ def test_cli_flags_reach_the_config():
     parser = cli.build_parser()
     args = parser.parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
                               "--negative-weight", "3", "--negative-latent-weight", "2", "--preserve-weight", "100",
-                              "--unlearn-g-lr", "0.001", "--detector-weight", "5"])
+                              "--unlearn-g-lr", "0.001", "--detector-weight", "5", "--g-ema", "0.9"])
     u = cli._run_config(args).unlearn
-    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr, u.detector_weight) == (3.0, 2.0, 100.0, 0.001, 5.0)
+    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr, u.detector_weight, u.g_ema) == \
+        (3.0, 2.0, 100.0, 0.001, 5.0, 0.9)
 
 
 # ----------------------------------------------------------------------------------------

@@ -93,3 +93,27 @@ def test_extrapolation_endpoints(tiny_gan, feedback):
     two = extrapolate(tiny_gan, adapted, 2.0)
     assert torch.allclose(theta(two), 2 * theta(tiny_gan) - theta(adapted), atol=1e-6)
     assert torch.equal(theta(mean_gan([adapted, adapted])), theta(adapted))
+
+
+def test_weight_average_follows_the_iterates(tiny_gan, feedback):
+    """With g_ema, the unlearned G is b_2 (b_1 (b_0 theta_G + (1 - b_0) theta_1) + (1 - b_1) theta_2) + (1 - b_2) theta_3,
+    b_t = min(g_ema, (1 + t) / (10 + t)), theta_t the weights after step t of the same run without the average."""
+    from agu_lib.unlearn import ema_decay
+
+    adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
+    cfg = lambda iters, g_ema: UnlearnConfig(**{**TINY_UNLEARN.__dict__, "iters": iters, "g_ema": g_ema})
+    iterates = [theta(unlearn(tiny_gan, feedback, adapted, cfg(k, 0.0), progress=False).gan) for k in (1, 2, 3)]
+    expected = theta(tiny_gan)
+    for t, th in enumerate(iterates):
+        b = ema_decay(0.99, t)
+        expected = b * expected + (1 - b) * th
+    got = theta(unlearn(tiny_gan, feedback, adapted, cfg(3, 0.99), progress=False).gan)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, iterates[-1], atol=1e-4)  # the average is not the last step
+    assert [ema_decay(0.99, t) for t in (0, 1, 890, 5000)] == [0.1, 2 / 11, 0.99, 0.99]
+
+
+@pytest.mark.parametrize("g_ema", [1.0, -0.1, 2])
+def test_weight_average_decay_is_checked(tiny_gan, feedback, g_ema):
+    with pytest.raises(ConfigError, match=r"g_ema must be in \[0, 1\)"):
+        unlearn(tiny_gan, feedback, [], UnlearnConfig(method="finetune", negative_weight=0, g_ema=g_ema), progress=False)
