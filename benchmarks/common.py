@@ -122,11 +122,13 @@ class Variants:
 
     def stage2_data_terms(self, k: int):
         """The whole default stage-2 step: repulsion from ``k`` models plus the data terms of the
-        config (adapted samples as fakes for D, negatives' latents, keeping positives' latents)."""
+        config (adapted samples as fakes for D, negatives' latents, keeping positives' latents) and
+        the loop's update of G's weight average (``g_ema``)."""
         cfg = self.ucfg
         step2 = self.stage2(k)  # only for its Repulsion and buffers
         reg, flat, nets, opt_g, opt_d, gen = step2.parts
         latent, dev = self.gan.latent_dim, self.device
+        ema = flat.read().clone() if cfg.g_ema > 0 else None
 
         def step():
             idx = sample_index(len(self.pool), cfg.batch_size, gen, dev)
@@ -136,7 +138,10 @@ class Variants:
             neg = augment(sample_batch(self.pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
                 if cfg.negative_weight > 0 else None
             zn = self.pool_z[sample_index(len(self.pool), cfg.batch_size, gen, dev)] if cfg.negative_latent_weight > 0 else None
-            return unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev, neg, keep, zn)
+            out = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev, neg, keep, zn)
+            if ema is not None:
+                ema.lerp_(flat.read(), 1 - cfg.g_ema)
+            return out
 
         return step
 
