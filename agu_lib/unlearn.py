@@ -49,7 +49,8 @@ G's learning rate can be 10x higher (1e-3) without losing the positives. Stage 1
 models (the default, as in the paper's code) give beta_N more varied negatives: over 3 seeds,
 digits PUL 93 / 96 / 81 and MNIST class 7 78 instead of 72, at a higher FID to the original's
 positives on digits (ratio 0.67 / 0.28 / 0.55 instead of 0.50 / 0.18 / 0.39). The repulsion adds
-little on top of the terms (fine-tuning with the same terms is 0.1-5 points lower): README.md.
+little on top of the terms (with today's defaults fine-tuning with the same terms is 0-1.1 points
+lower): README.md.
 
 The unlearned G is an average (``g_ema``, default 0.99): ema <- b_t ema + (1 - b_t) theta after
 every step, b_t = min(g_ema, (1 + t) / (10 + t)), and the result takes the average's weights (D
@@ -62,7 +63,9 @@ against 91.3 / 94.8 and 0.63 / 0.25. With it, the default feedback draw is 20,00
 (``RunConfig.n_samples``; the paper's code draws 5,000): beta_Z removed 97-98% of the class on the
 flagged latents it trained on but only ~80% on fresh ones, and four times as many flagged latents
 raised MNIST class 7 from PUL 81 to 91 (3 seeds, ratio 0.16 to 0.10) and digits class 8 from 80 to 86
-(ratio 0.30 to 0.43: on digits more PUL costs some FID).
+(ratio 0.30 to 0.43: on digits more PUL costs some FID). The tables with both (3 seeds, stage 1
+included): digits EL2 PUL 95.4 / 99.1 / 89.9 for classes 1 / 4 / 8, ratio 0.65 / 0.37 / 0.77; MNIST
+99.1 / 88.1, ratio 0.08 / 0.11.
 
 One more term, off by default (``detector_weight``, beta_H):
 
