@@ -88,7 +88,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
 from .distributed import broadcast_, is_main_process
-from .errors import ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .feedback import Feedback
 from .losses import (
     REPULSIONS,
@@ -198,7 +198,7 @@ class UnlearnConfig:
             check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
 
 
-# The paper's stage 2 exactly: no data terms, and the G learning rate it was tuned with here.
+# The paper's stage 2 exactly: no data terms, no weight average, and the G learning rate it was tuned with here.
 # ``UnlearnConfig(**PAPER_STAGE2)``, ``agu run/table --paper-stage2``.
 DATA_TERMS_OFF = {"negative_weight": 0.0, "negative_latent_weight": 0.0, "preserve_weight": 0.0}
 PAPER_STAGE2 = {**DATA_TERMS_OFF, "g_lr": 1e-4, "g_ema": 0.0}
@@ -404,6 +404,9 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
     torch.set_rng_state(tensors["torch_rng"])
     log.restore(card["log_rows"], tensors["pending_losses"], device)
     if ema is not None:
+        if "g_ema" not in tensors:
+            raise CheckpointError(f"the checkpoint in {state_dir} has no weight average of G (made by an older agu, or "
+                                  "with g_ema 0): run without --resume to start over")
         ema.copy_(tensors["g_ema"])
     return int(card["step"])
 

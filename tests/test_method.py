@@ -117,3 +117,19 @@ def test_weight_average_follows_the_iterates(tiny_gan, feedback):
 def test_weight_average_decay_is_checked(tiny_gan, feedback, g_ema):
     with pytest.raises(ConfigError, match=r"g_ema must be in \[0, 1\)"):
         unlearn(tiny_gan, feedback, [], UnlearnConfig(method="finetune", negative_weight=0, g_ema=g_ema), progress=False)
+
+
+def test_checkpoint_without_the_average_is_refused(tiny_gan, tmp_path):
+    """Resuming with the average on from a checkpoint that has none (an older agu) says so instead of a KeyError."""
+    from agu_lib.errors import CheckpointError
+    from agu_lib.training import LossLog, adam
+    from agu_lib.unlearn import load_state, save_state
+
+    cfg = UnlearnConfig(method="finetune", negative_weight=0)
+    model = tiny_gan.clone()
+    opts = adam(model.generator.parameters(), 1e-3), adam(model.discriminator.parameters(), 1e-3)
+    gen, log = torch.Generator().manual_seed(0), LossLog(["d_loss", "g_adv", "reg", "distance"], 50, "unlearn")
+    save_state(tmp_path / "state", 3, cfg, model, *opts, gen, log)  # no average saved
+    with pytest.raises(CheckpointError, match="no weight average.*without --resume"):
+        load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu", ema=theta(model).clone())
+    assert load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu") == 4  # without the average it loads
