@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .distributed import broadcast_
 from .errors import DataError
-from .losses import fisher_diagonal, flatten_params
+from .losses import ewc_penalty_half_grad, fisher_diagonal, flatten_params
 from .models import GAN, generator_params
 from .training import (
     MAX_SEED,
@@ -84,13 +84,11 @@ def adapt_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, anchor,
     d_loss = d_step(nets, opt_d, real, z, aug, device, cfg.amp)
 
     # G step: min_theta L_adv + lambda * EWC(theta). EWC's gradient, 2 F (theta - theta_G), is added
-    # to the adversarial one by hand (fp32, no autograd graph through the (P,) vector): three passes
-    # over P floats, EWC's value (F diff . diff) a fourth on the logged steps only
+    # to the adversarial one by hand (fp32, no autograd graph through the (P,) vector); EWC's value
+    # only on the logged steps
     g_adv = g_backward(nets, opt_g, z, aug, device, cfg.amp)
-    diff = torch.sub(flat.read(), anchor, out=flat.scratch[0])  # theta - theta_G
-    fdiff = torch.mul(diff, fisher, out=flat.scratch[1])  # F (theta - theta_G)
-    flat.add_to_grad_(fdiff, alpha=2 * cfg.ewc_lambda, views=flat.scratch_views[1])  # + lambda * 2 F (theta - theta_G)
-    ewc = torch.dot(fdiff, diff) if with_value else None
+    ewc, half = ewc_penalty_half_grad(flat.read(), anchor, fisher, *flat.scratch, with_value=with_value)
+    flat.add_to_grad_(half, alpha=2 * cfg.ewc_lambda, views=flat.scratch_views[1])  # + lambda * 2 F (theta - theta_G)
     opt_g.step()
     return d_loss, g_adv, ewc
 

@@ -199,13 +199,16 @@ def ewc_penalty(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor)
 
 # EWC(theta) = sum_i F_i (theta_i - theta_G,i)^2 and its gradient dEWC/dtheta = 2 F (theta - theta_G),
 # by hand: the loops add the gradient to G's, so no autograd graph runs through the (P,) vector.
-def ewc_penalty_grad(theta, anchor, fisher, out_diff=None, out_grad=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(EWC(theta), dEWC/dtheta)``: a scalar and a ``(P,)`` vector (written into ``out_grad`` when
-    given; ``out_diff`` is scratch). Four passes over P floats, no allocation with the outs."""
+# Returned is half the gradient, F (theta - theta_G): the loops fold the 2 into the scale of their
+# add into G's gradients (three passes over P floats; EWC's value, a dot product, a fourth on request).
+def ewc_penalty_half_grad(theta, anchor, fisher, out_diff=None, out_grad=None,
+                          with_value: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(EWC(theta) or None, dEWC/dtheta / 2)``: a scalar (None unless ``with_value``) and a
+    ``(P,)`` vector written into ``out_grad`` when given (``out_diff`` is scratch); no allocation
+    with the outs."""
     diff = torch.sub(theta, anchor, out=out_diff)  # theta - theta_G
-    grad = torch.mul(diff, fisher, out=out_grad)  # F (theta - theta_G)
-    value = torch.dot(grad, diff)
-    return value, grad.mul_(2)
+    half = torch.mul(diff, fisher, out=out_grad)  # F (theta - theta_G)
+    return (torch.dot(half, diff) if with_value else None), half
 
 
 # ----------------------------------------------------------------------------------------

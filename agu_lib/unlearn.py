@@ -97,7 +97,7 @@ from .losses import (
     anchor_pull,
     d_logistic_loss,
     detector_loss,
-    ewc_penalty_grad,
+    ewc_penalty_half_grad,
     fisher_diagonal,
     flatten_params,
     g_nonsaturating_loss,
@@ -347,8 +347,8 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
         (cfg.negative_latent_weight * neg_loss.float()).backward()
     value = dist = torch.zeros((), device=device)
     if cfg.method == "ewc":  # d(lambda EWC)/dtheta = 2 lambda F (theta - theta_G)
-        ewc, grad = ewc_penalty_grad(flat.read(), reg.anchor, reg.fisher, *flat.scratch)
-        flat.add_to_grad_(grad, alpha=cfg.ewc_lambda)
+        ewc, half = ewc_penalty_half_grad(flat.read(), reg.anchor, reg.fisher, *flat.scratch)
+        flat.add_to_grad_(half, alpha=2 * cfg.ewc_lambda, views=flat.scratch_views[1])
         value = dist = cfg.ewc_lambda * ewc
     elif reg is not None and cfg.repulsion_mode == "loss":  # d(gamma L_rep)/dtheta = -gamma sum_k 2 s_k c_k w (theta - theta_N,k)
         rep, d, c, wu = reg.evaluate(flat)

@@ -18,7 +18,7 @@ from agu_lib.losses import (
     anchor_distances,
     anchor_pull,
     ewc_penalty,
-    ewc_penalty_grad,
+    ewc_penalty_half_grad,
     fisher_diagonal,
     fisher_diagonal_layers,
     fisher_diagonal_loop,
@@ -102,16 +102,18 @@ def test_repulsion_slopes(name):
     assert torch.allclose(c, expected) and value.requires_grad is False
 
 
-def test_ewc_penalty_grad_equals_autograd(tiny_gan):
+def test_ewc_penalty_half_grad_equals_autograd(tiny_gan):
     _, theta_g, anchors = _setup(tiny_gan, k=1)
     fisher = torch.rand(theta_g.numel())
     theta = anchors[0].clone().requires_grad_(True)
     ewc_penalty(theta, theta_g, fisher).backward()
     bufs = (torch.empty_like(theta_g), torch.empty_like(theta_g))
-    value, grad = ewc_penalty_grad(anchors[0], theta_g, fisher, *bufs)
+    value, half = ewc_penalty_half_grad(anchors[0], theta_g, fisher, *bufs)
     assert torch.allclose(value, ewc_penalty(anchors[0], theta_g, fisher), rtol=1e-5)
-    assert torch.allclose(grad, theta.grad, rtol=1e-5, atol=1e-8)
-    assert grad.data_ptr() == bufs[1].data_ptr()  # written into the preallocated buffer
+    assert torch.allclose(2 * half, theta.grad, rtol=1e-5, atol=1e-8)
+    assert half.data_ptr() == bufs[1].data_ptr()  # written into the preallocated buffer
+    none, half2 = ewc_penalty_half_grad(anchors[0], theta_g, fisher, *bufs, with_value=False)
+    assert none is None and torch.equal(half2, half)  # without the value, the same vector
 
 
 def test_loss_mode_gradient_equals_autograd(tiny_gan):
