@@ -206,6 +206,7 @@ CONFIG_FLAGS = [
     ("unlearn_g_lr", "unlearn", "g_lr"), ("negative_weight", "unlearn", "negative_weight"),
     ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
     ("detector_weight", "unlearn", "detector_weight"), ("g_ema", "unlearn", "g_ema"),
+    ("negative_source", "unlearn", "negative_source"),
 ]
 
 
@@ -300,7 +301,8 @@ def cmd_unlearn(args) -> None:
     ucfg.method, ucfg.seed = args.method, args.seed
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
-    if not adapted and ucfg.negative_weight > 0 and args.negative_weight is None:  # a fine-tuning baseline on its own
+    if not adapted and ucfg.negative_weight > 0 and ucfg.negative_source != "flagged" and args.negative_weight is None:
+        # a fine-tuning baseline on its own
         ucfg.negative_weight = 0.0
         print("note: no --adapted GANs, so no adapted samples as fakes for D (negative weight 0)", file=sys.stderr)
     fb = collect(gan, _oracle(args, gan, clf), _n_samples(args), seed=args.seed + 101)
@@ -368,7 +370,7 @@ def cmd_book(args) -> None:
 
 def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     from .pipeline import METHODS
-    from .unlearn import DISTANCES
+    from .unlearn import DISTANCES, NEGATIVE_SOURCES
 
     p.add_argument("gan", help="GAN directory or shipped name (digits)")
     p.add_argument("--classifier", help="classifier directory or shipped name (digits, mnist) that plays the user")
@@ -384,6 +386,9 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-3; 1e-4 with --paper-stage2)")
     p.add_argument("--negative-weight", type=float, default=None,
                    help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 3; 0: off)")
+    p.add_argument("--negative-source", default=None, choices=NEGATIVE_SOURCES,
+                   help="stage 2: D's extra fakes under --negative-weight: samples of the adapted GANs (default), the "
+                        "flagged negatives themselves, or both (more removal; see README)")
     p.add_argument("--negative-latent-weight", type=float, default=None,
                    help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 3)")
     p.add_argument("--paper-stage2", action="store_true",

@@ -44,8 +44,10 @@ PAPER_N_SAMPLES = 5000  # the feedback draw of the paper's code (agu run/table -
 
 def uses_adapted(method: str, cfg: RunConfig) -> bool:
     """Whether ``method`` needs stage 1: the repulsions and extrapolation always; the fine-tuning
-    baselines when stage 2 takes the adapted GANs' samples as extra fakes (``negative_weight``)."""
-    return method in NEEDS_ADAPTED or (method in FINETUNE_METHODS and cfg.unlearn.negative_weight > 0)
+    baselines when stage 2 takes the adapted GANs' samples as extra fakes (``negative_weight``, with
+    ``negative_source`` "adapted" or "both")."""
+    takes_samples = cfg.unlearn.negative_weight > 0 and cfg.unlearn.negative_source != "flagged"
+    return method in NEEDS_ADAPTED or (method in FINETUNE_METHODS and takes_samples)
 
 
 @dataclass

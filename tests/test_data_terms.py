@@ -17,7 +17,15 @@ from agu_lib.losses import REPULSIONS, d_negative_loss, detector_loss, flatten_p
 from agu_lib.models import generator_params
 from agu_lib.pipeline import RunConfig, uses_adapted
 from agu_lib.training import FlatParams
-from agu_lib.unlearn import DATA_TERMS_OFF, PAPER_STAGE2, UnlearnConfig, adapted_samples, train_detector, unlearn
+from agu_lib.unlearn import (
+    DATA_TERMS_OFF,
+    PAPER_STAGE2,
+    UnlearnConfig,
+    adapted_samples,
+    negative_fakes,
+    train_detector,
+    unlearn,
+)
 
 TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4, **DATA_TERMS_OFF)
 TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0, "detector_weight": 3.0}
@@ -118,6 +126,51 @@ def test_negative_fakes_teach_d_to_reject_adapted_samples(tiny_gan, feedback, ad
             return float(d.discriminate(negs).mean())
 
     assert score(replace(cfg, negative_weight=3.0)) < score(cfg) - 0.1
+
+
+def test_negative_sources_are_the_adapted_samples_the_flagged_images_or_both(feedback, adapted):
+    cfg = replace(TINY, negative_weight=3.0, negative_pool=10)
+    a = negative_fakes(cfg, adapted, feedback.negatives, "cpu")
+    assert torch.equal(a, adapted_samples(adapted, 10, cfg.seed, "cpu"))  # the default: as before the option
+    assert torch.equal(negative_fakes(replace(cfg, negative_source="flagged"), adapted, feedback.negatives, "cpu"),
+                       feedback.negatives)
+    both = negative_fakes(replace(cfg, negative_source="both"), adapted, feedback.negatives, "cpu")
+    assert torch.equal(both, torch.cat([feedback.negatives, a]))
+
+
+def test_flagged_fakes_teach_d_to_reject_the_flagged_negatives_without_stage_1(tiny_gan, feedback):
+    """negative_source "flagged": D learns to call the very images the oracle flagged fake; no adapted GAN needed
+    (a fine-tuning baseline then skips stage 1)."""
+    cfg = replace(TINY, method="finetune", iters=30)
+    flagged = replace(cfg, negative_weight=3.0, negative_source="flagged")
+
+    def score(c):
+        d = unlearn(tiny_gan, feedback, [], c, progress=False).gan
+        with torch.no_grad():
+            return float(d.discriminate(feedback.negatives).mean())
+
+    assert score(flagged) < score(cfg) - 0.1
+    run = RunConfig(method="finetune")
+    run.unlearn = replace(run.unlearn, negative_source="flagged")
+    assert not uses_adapted("finetune", run) and uses_adapted("el2", run)
+    run.unlearn.negative_source = "both"
+    assert uses_adapted("finetune", run)
+
+
+def test_negative_source_needs_its_data(tiny_gan, feedback, adapted):
+    cfg = replace(TINY, negative_weight=3.0)
+    with pytest.raises(ConfigError, match="unknown negative_source 'flaged'"):
+        unlearn(tiny_gan, feedback, adapted, replace(cfg, negative_source="flaged"), progress=False)
+    with pytest.raises(ConfigError, match="takes the flagged negatives .* got none"):  # images alone: no negatives
+        unlearn(tiny_gan, feedback.positives, adapted, replace(cfg, negative_source="both"), progress=False)
+    with pytest.raises(ConfigError, match="--negative-source flagged"):  # no adapted GANs for the default source
+        unlearn(tiny_gan, feedback, [], replace(cfg, method="finetune"), progress=False)
+    bad = feedback.negatives[:, :, :4]  # wrong image shape
+    with pytest.raises(ConfigError, match="got shape"):
+        unlearn(tiny_gan, feedback.positives, adapted, replace(cfg, negative_source="flagged"), progress=False, negatives=bad)
+    args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
+                                          "--negative-source", "both"])
+    assert cli._run_config(args).unlearn.negative_source == "both"
 
 
 def test_detector_learns_to_tell_negatives_from_positives(tiny_gan, feedback):
