@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -258,7 +259,9 @@ def cmd_run(args) -> None:
                   progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]), "gan": args.gan,
                                                          "classifier": args.classifier}, resume=args.resume)
     print(summary(metrics))
-    print(f"wrote {args.out}/ (unlearned/, adapted/, metrics.json, before.png, after.png)")
+    parts = ["unlearned/", *(["adapted/"] if (Path(args.out) / "adapted").is_dir() else []), "metrics.json", "before.png",
+             "after.png"]
+    print(f"wrote {args.out}/ ({', '.join(parts)})")
 
 
 def cmd_adapt(args) -> None:

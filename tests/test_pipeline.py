@@ -29,7 +29,22 @@ def test_short_run_lowers_the_forgotten_class(tmp_path, capsys):
     from agu_lib import load_gan
 
     assert load_gan(out / "unlearned").image_shape == (1, 16, 16)
-    assert "PUL" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "PUL" in out_text and "(unlearned/, adapted/, metrics.json" in out_text
+
+
+def test_finetune_on_flagged_fakes_runs_without_stage_1(tmp_path, capsys):
+    """--negative-source flagged: the fine-tuning baseline's D learns the flagged negatives as fakes, no adapted GAN is
+    made, and the run says what it wrote."""
+    out = tmp_path / "run"
+    args = ["run", "digits", "--classifier", "digits", "--forget", "8", "--method", "finetune", "--negative-source", "flagged",
+            "--out", str(out), *SHORT]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["unlearned"]["pul"] > 60.0  # 150 steps: measured 95.2; 16.3 with --negative-weight 0
+    assert not list(out.glob("adapted*")) and "adapted" not in m
+    assert json.loads((out / "config.json").read_text())["unlearn"]["negative_source"] == "flagged"
+    assert "(unlearned/, metrics.json, before.png, after.png)" in capsys.readouterr().out
 
 
 def test_table_writes_markdown_csv_json(tmp_path):
