@@ -53,3 +53,11 @@ def test_no_torchvision_dependency():
     assert "torchvision" not in text
     for py in (ROOT / "agu_lib").rglob("*.py"):
         assert "import torchvision" not in py.read_text(), py
+
+
+def test_prose_has_no_control_characters():
+    """A Python string without r"" once turned "\\bar\\theta" in book/method.md into a backspace and a tab."""
+    files = [ROOT / "README.md", ROOT / "results" / "README.md", *(ROOT / "book").glob("*.md"), *(ROOT / "notebooks").glob("*.ipynb")]
+    bad = {str(f.relative_to(ROOT)): i + 1 for f in files for i, line in enumerate(f.read_text().splitlines())
+           if re.search(r"[\x00-\x08\x0b-\x1f]", line)}
+    assert len(files) > 5 and not bad, f"control characters at (file: line) {bad}"
