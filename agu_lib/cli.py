@@ -304,7 +304,7 @@ def cmd_unlearn(args) -> None:
     ucfg.method, ucfg.seed = args.method, args.seed
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
-    if not adapted and ucfg.negative_weight > 0 and ucfg.negative_source != "flagged" and args.negative_weight is None:
+    if not adapted and ucfg.negative_weight > 0 and ucfg.negative_source == "adapted" and args.negative_weight is None:
         # a fine-tuning baseline on its own
         ucfg.negative_weight = 0.0
         print("note: no --adapted GANs, so no adapted samples as fakes for D (negative weight 0)", file=sys.stderr)
@@ -388,7 +388,7 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--iters", type=int, default=None, help="stage-2 iterations")
     p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-3; 1e-4 with --paper-stage2)")
     p.add_argument("--negative-weight", type=float, default=None,
-                   help="stage 2: samples of the adapted GANs are extra fakes for D, with this weight (default 3; 0: off)")
+                   help="stage 2: weight of D's extra fakes, samples of the adapted GANs by default (--negative-source; default 3; 0: off)")
     p.add_argument("--negative-source", default=None, choices=NEGATIVE_SOURCES,
                    help="stage 2: D's extra fakes under --negative-weight: samples of the adapted GANs (default), the "
                         "flagged negatives themselves, or both (more removal; see README)")

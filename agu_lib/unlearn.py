@@ -160,7 +160,7 @@ class UnlearnConfig:
     d_lr: float = 1e-3  # large: D must learn quickly that negatives are not among the positives
     instance_noise: float = 0.0  # std of noise on D's inputs (positives are plentiful: none needed)
     # Data terms beyond the paper's stage 2 (module docstring, "Data terms"); PAPER_STAGE2 turns them off:
-    negative_weight: float = 3.0  # beta_N: samples of the adapted GANs are extra fakes for D
+    negative_weight: float = 3.0  # beta_N: extra fakes for D (negative_source: samples of the adapted GANs by default)
     negative_pool: int = 2000  # samples drawn once from the adapted GANs for negative_weight
     negative_source: str = "adapted"  # beta_N's fakes: adapted (samples of G_N) | flagged (the feedback's negatives) | both
     negative_latent_weight: float = 3.0  # beta_Z: G's adversarial loss again on the flagged negatives' latents

@@ -47,6 +47,23 @@ def test_finetune_on_flagged_fakes_runs_without_stage_1(tmp_path, capsys):
     assert "(unlearned/, metrics.json, before.png, after.png)" in capsys.readouterr().out
 
 
+def test_unlearn_command_without_adapted_gans(tmp_path, capsys):
+    """agu unlearn alone: the default source drops the fakes with a note; flagged fakes need no adapted GAN and change
+    the result; "both" without adapted GANs is refused with what to do."""
+    base = ["unlearn", "digits", "--classifier", "digits", "--forget", "8", "--method", "finetune", "--iters", "20",
+            "--n-samples", "1000", "--quiet", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert "no --adapted GANs" in capsys.readouterr().err
+    assert main([*base, "--negative-source", "flagged", "--out", str(tmp_path / "flagged")]) == 0
+    assert "no --adapted GANs" not in capsys.readouterr().err
+    plain, flagged = ((tmp_path / d / "generator.safetensors").read_bytes() for d in ("plain", "flagged"))
+    assert plain != flagged
+    assert main([*base, "--negative-source", "both", "--out", str(tmp_path / "both")]) == 2
+    err = capsys.readouterr().err
+    assert "none were given" in err and "--negative-source flagged" in err and "Traceback" not in err
+    assert not (tmp_path / "both").exists()
+
+
 def test_table_writes_markdown_csv_json(tmp_path):
     out = tmp_path / "table"
     args = ["table", "digits", "--classifier", "digits", "--forget", "4", "--seeds", "2", "--methods", "finetune", "extrapolate",
