@@ -71,11 +71,10 @@ What D learns to call fake under beta_N (``negative_source``): ``adapted`` (defa
 ``negative_pool`` samples of the adapted GANs; ``flagged`` the flagged negatives themselves (the
 original G's images the oracle labelled: negative data augmentation with the user's own flags; no
 stage 1 needed for the fine-tuning baselines); ``both`` the two together. The flagged images remove
-more of the class, and on the MNIST MLP GAN at no cost (class 7, one set of adapted models, stage-2
-seeds 0 / 1 / 2: PUL 95.4 / 96.7 / 96.1, FID-to-positives ratio 0.10 / 0.09 / 0.09, TV 0.043 / 0.032 /
-0.037, against 91.2 / 0.094 / 0.044 for seed 0 with the default), but on the digits DCGAN they move the
-positives far more (class 8, seed 0: PUL 97.0 at ratio 1.91 against 87.1 at 0.42; class 4: 99.5 at
-0.53 against 96.7 at 0.25), so the default stays ``adapted``.
+more of the class, on the MNIST MLP GAN at no cost (EL2, 3 seeds, stage 1 included: class 7 PUL 95.2,
+FID-to-positives ratio 0.10, TV 0.043 against 88.1 / 0.11 / 0.055 with the default), but on the digits
+DCGAN they move the positives about twice as far (PUL 99.3 / 99.8 / 96.2 on classes 1 / 4 / 8 at ratios
+1.33 / 0.56 / 2.08, against 95.4 / 99.1 / 89.9 at 0.65 / 0.37 / 0.77), so the default stays ``adapted``.
 
 One more term, off by default (``detector_weight``, beta_H):
 
