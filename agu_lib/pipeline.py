@@ -46,8 +46,7 @@ def uses_adapted(method: str, cfg: RunConfig) -> bool:
     """Whether ``method`` needs stage 1: the repulsions and extrapolation always; the fine-tuning
     baselines when stage 2 takes the adapted GANs' samples as extra fakes (``negative_weight``, with
     ``negative_source`` "adapted" or "both")."""
-    takes_samples = cfg.unlearn.negative_weight > 0 and cfg.unlearn.negative_source != "flagged"
-    return method in NEEDS_ADAPTED or (method in FINETUNE_METHODS and takes_samples)
+    return method in NEEDS_ADAPTED or (method in FINETUNE_METHODS and cfg.unlearn.fakes_from_adapted())
 
 
 @dataclass

@@ -175,6 +175,10 @@ class UnlearnConfig:
     amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
     compile: bool = False  # torch.compile G and D (worth it for long runs on a GPU; the first steps compile)
 
+    def fakes_from_adapted(self) -> bool:
+        """Whether beta_N's fakes include samples of the adapted GANs (so stage 2 needs them)."""
+        return self.negative_weight > 0 and self.negative_source in ("adapted", "both")
+
     def validate(self, n_adapted: int) -> None:
         valid = REPULSION_METHODS + FINETUNE_METHODS
         if self.method not in valid:
@@ -241,7 +245,7 @@ def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, n
     """The data terms need their data: adapted GANs and/or the flagged negatives' images (beta_N, by
     ``negative_source``), the positives' latents (beta_P, one per positive), the flagged negatives'
     latents (beta_Z). ``ConfigError`` saying what is missing."""
-    if cfg.negative_weight > 0 and cfg.negative_source in ("adapted", "both") and not adapted:
+    if cfg.fakes_from_adapted() and not adapted:
         raise ConfigError(f"negative_weight > 0 with negative_source {cfg.negative_source!r} takes samples of the adapted "
                           "GANs as fakes for D, and none were given: run stage 1 first and pass its GANs (agu run does; "
                           "agu unlearn --adapted DIR), take the flagged negatives instead (--negative-source flagged), or "
