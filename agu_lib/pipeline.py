@@ -293,6 +293,9 @@ def summary(metrics: dict) -> str:
     for k, label in keys:
         if k in u:
             lines.append(f"  {label:<16} original {o.get(k, float('nan')):9.4f}   unlearned {u[k]:9.4f}")
+    if "fid_positives_floor" in o:
+        lines.append(f"  floor: the original's positives on other latents score FID positives {o['fid_positives_floor']:.4f}, "
+                     f"retained TV {o['retained_tv_floor']:.4f} (sampling noise; below it only by keeping each latent's image)")
     lines.append("  seconds          " + json.dumps(metrics["seconds"]))
     return "\n".join(lines)
 
@@ -305,6 +308,10 @@ TABLE_NAMES = {
     "retrain": "Retraining from scratch", "finetune": "Fine-tune on positives", "ewc": "EWC fine-tune on positives",
     "extrapolate": "Extrapolation", "nl2": "NL2", "il2": "IL2", "el2": "EL2",
 }
+
+
+# The reference row under "Original GAN" in the quality table: metric "floor" (agu_lib.metrics)
+FLOOR_NAME = "Floor: the original's positives, other latents"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -382,8 +389,10 @@ def table(
                 if progress:
                     print(f"class {cls} seed {seed} {method:<11} PUL {m['pul']:6.1f}  FID {m.get('fid_real', float('nan')):7.2f}"
                           f"  TV {m.get('retained_tv', float('nan')):.3f}  {seconds:5.1f}s", flush=True)
+            floor = {"fid_positives_floor_ratio": original["fid_positives_floor"] / original["fid_positives"]} \
+                if "fid_positives_floor" in original else {}
             records.append({"class": cls, "seed": seed, "method": "original", "seconds": 0.0, **original,
-                            "fid_positives_ratio": 1.0})
+                            "fid_positives_ratio": 1.0, **floor})
             if adapted:  # stage 1's own quality: the share of negatives it generates (target >= 0.9)
                 records.append({"class": cls, "seed": seed, "method": "adapted", "seconds": t_adapt,
                                 **evaluate(adapted[0], ctx, ["negative_share", "fid"])})
@@ -463,6 +472,10 @@ def write_table(result: dict, out) -> Path:
         md2.append(f"| {name} | " + " | ".join(
             cells(agg[method][c], (("fid_positives_ratio", ".2f"), ("retained_tv", ".3f"), ("seconds", ".0f"))) for c in classes)
             + " |\n")
+        if method == "original" and any("fid_positives_floor_ratio" in agg[method][c] for c in classes):
+            md2.append(f"| {FLOOR_NAME} | " + " | ".join(
+                cells(agg[method][c], (("fid_positives_floor_ratio", ".2f"), ("retained_tv_floor", ".3f"))) + " / –"
+                for c in classes) + " |\n")
     (out / "table.md").write_text("".join(md + md2))
     keys = sorted({k for r in result["records"] for k in r if k not in ("class", "seed", "method")})
     lines = [",".join(["class", "seed", "method", *keys])]

@@ -282,7 +282,10 @@ class LossLog:
         self.window = list(pending.to(device).unbind(0))
 
 
-MAX_SEED = 2**62  # seeds are offset (seed + 7919, ...) and must stay within torch's 64-bit seed range
+# torch's CPU generator keeps only the low 32 bits of a seed (manual_seed(2**32) draws what manual_seed(0)
+# draws), and agu offsets seeds (seed + 101, + 7919, + 104729 + k, + 2**20 for the metric "floor"): a seed
+# below 2**31 keeps every offset seed distinct from every other, so two different seeds are two different runs
+MAX_SEED = 2**31 - 1
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:

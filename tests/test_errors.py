@@ -155,6 +155,7 @@ def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     (["--n-eval", "5"], "n_eval must be an integer at least 10"),
     (["--checkpoint-every", "0"], "checkpoint_every must be an integer at least 1"),
     (["--seed", "-1"], "seed must be an integer at least 0"),
+    (["--seed", str(2**32)], "seed must be an integer at least 0 and at most 2147483647"),  # torch would run seed 0 again
 ])
 def test_bad_values_name_the_setting_and_the_range(gan_dir, tmp_path, capsys, args, expected):
     argv = ["run", gan_dir, "--bold", "50", "--out", tmp_path / "r", *TINY, *args]

@@ -16,6 +16,7 @@ from agu_lib.metrics import (
     frechet_distance,
     knn_precision_recall,
     make_context,
+    positives_elsewhere,
 )
 
 
@@ -85,6 +86,25 @@ def test_shipped_gan_metrics_against_itself():
     assert 0.3 < m["precision"] <= 1.0 and 0.3 < m["recall"] <= 1.0  # measured 0.45 / recall above 0.3
     assert abs(sum(m[f"share_{c}"] for c in range(10)) - 1.0) < 1e-6
     assert m["dist_to_original"] == 0.0
+    # the floor: the original's own positives on other latents are closer to its positives than the
+    # original (which still makes ones) is, but not at 0: the sampling noise of a 2,000-sample FID
+    assert 0.5 < m["fid_positives_floor"] < m["fid_positives"]
+    assert m["retained_tv_floor"] < 0.05
+    assert "fid_positives_floor" not in evaluate(gan.clone(), ctx, ["floor"])  # a reference of the original only
+
+
+def test_positives_elsewhere_are_positives_on_other_latents(tiny_gan):
+    oracle = PredicateOracle(_bright)
+    with torch.no_grad():
+        tiny_gan.generator.blocks[-2].bias.fill_(0.0)  # about half bright
+    ctx = make_context(tiny_gan, oracle, 200, seed=0)
+    x = positives_elsewhere(tiny_gan, oracle, 150, seed=7)
+    assert x.shape == (150, *tiny_gan.image_shape) and not oracle(x).any()
+    evaluated = tiny_gan.generate(ctx.z).detach()
+    assert torch.cdist(x.flatten(1), evaluated.flatten(1)).min() > 1e-4  # none of them is an evaluation sample
+    with torch.no_grad():
+        tiny_gan.generator.blocks[-2].bias.fill_(50.0)  # only negatives: at most max_rounds draws, then what there is
+    assert len(positives_elsewhere(tiny_gan, oracle, 50, seed=7, max_rounds=3)) == 0
 
 
 def test_unknown_metric_lists_valid(tiny_gan):

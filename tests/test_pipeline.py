@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from agu_lib.cli import main
 
 SHORT = ["--iters", "150", "--adapt-iters", "150", "--n-samples", "2000", "--n-eval", "1000", "--quiet", "--device", "cpu"]
@@ -77,6 +79,12 @@ def test_table_writes_markdown_csv_json(tmp_path):
     methods = {r["method"] for r in res["records"]}
     assert methods == {"finetune", "extrapolate", "el2", "original", "adapted"}
     assert len([r for r in res["records"] if r["method"] == "el2"]) == 2  # one per seed
+    # the reference row: the original's positives on other latents (metric "floor"), with its ratio and TV
+    floor_row = next(line for line in md.splitlines() if line.startswith("| Floor: the original's positives, other latents |"))
+    assert floor_row.endswith(" / – |") and "±" in floor_row
+    originals = [r for r in res["records"] if r["method"] == "original"]
+    assert all(r["fid_positives_floor_ratio"] == pytest.approx(r["fid_positives_floor"] / r["fid_positives"]) for r in originals)
+    assert all("fid_positives_floor" not in r for r in res["records"] if r["method"] != "original")
     assert (out / "table.csv").read_text().startswith("class,seed,method,")
 
 
@@ -143,8 +151,6 @@ def _fake_table(cls, methods=("el2",), seeds=(0, 1), command="agu table x"):
 
 
 def test_merge_tables_joins_classes_and_refuses_mismatches(tmp_path, capsys):
-    import pytest
-
     from agu_lib.errors import ConfigError
     from agu_lib.pipeline import merge_tables, write_table
 
