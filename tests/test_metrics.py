@@ -89,6 +89,8 @@ def test_shipped_gan_metrics_against_itself():
     # the floor: the original's own positives on other latents are closer to its positives than the
     # original (which still makes ones) is, but not at 0: the sampling noise of a 2,000-sample FID
     assert 0.5 < m["fid_positives_floor"] < m["fid_positives"]
+    kept = ctx.orig_features[~ctx.orig_negative]  # other latents, not the evaluation ones again
+    assert not torch.equal(ctx.floor_features[:100], kept[:100])  # (torch reads only a seed's low 32 bits)
     assert m["retained_tv_floor"] < 0.05
     assert "fid_positives_floor" not in evaluate(gan.clone(), ctx, ["floor"])  # a reference of the original only
 
