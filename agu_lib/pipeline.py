@@ -294,8 +294,8 @@ def summary(metrics: dict) -> str:
         if k in u:
             lines.append(f"  {label:<16} original {o.get(k, float('nan')):9.4f}   unlearned {u[k]:9.4f}")
     if "fid_positives_floor" in o:
-        lines.append(f"  floor: the original's positives on other latents score FID positives {o['fid_positives_floor']:.4f}, "
-                     f"retained TV {o['retained_tv_floor']:.4f} (sampling noise; below it only by keeping each latent's image)")
+        lines.append(f"  {'floor':<16} FID positives {o['fid_positives_floor']:.4f}, retained TV {o['retained_tv_floor']:.4f}"
+                     "  (the original's positives on other latents: sampling noise)")
     lines.append("  seconds          " + json.dumps(metrics["seconds"]))
     return "\n".join(lines)
 

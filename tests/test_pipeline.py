@@ -33,6 +33,8 @@ def test_short_run_lowers_the_forgotten_class(tmp_path, capsys):
     assert load_gan(out / "unlearned").image_shape == (1, 16, 16)
     out_text = capsys.readouterr().out
     assert "PUL" in out_text and "(unlearned/, adapted/, metrics.json" in out_text
+    assert o["fid_positives_floor"] > 0 and "fid_positives_floor" not in u  # the floor: a reference of the original
+    assert f"floor            FID positives {o['fid_positives_floor']:.4f}" in out_text
 
 
 def test_finetune_on_flagged_fakes_runs_without_stage_1(tmp_path, capsys):
