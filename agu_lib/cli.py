@@ -31,9 +31,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _seed(text: str) -> int:
+    """--seed: an integer in [0, MAX_SEED] for every command (torch reads only a seed's low 32 bits)."""
+    from .training import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be an integer at least 0 and at most {MAX_SEED}, got {value} "
+                                         "(torch reads only a seed's low 32 bits: a larger one would repeat another seed's run)")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**31 - 1 (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only results")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--threads", type=int, default=None,
