@@ -283,8 +283,8 @@ class LossLog:
 
 
 # torch's CPU generator keeps only the low 32 bits of a seed (manual_seed(2**32) draws what manual_seed(0)
-# draws), and agu offsets seeds (seed + 101, + 7919, + 104729 + k, + 2**20 for the metric "floor"): a seed
-# below 2**31 keeps every offset seed distinct from every other, so two different seeds are two different runs
+# draws), and agu offsets seeds (seed + 101, + 7919, + 104729 + k, + 2**20 for the metric "floor"): from a seed
+# below 2**31 every offset seed stays below 2**32, where torch tells seeds apart
 MAX_SEED = 2**31 - 1
 
 
