@@ -179,6 +179,10 @@ class UnlearnConfig:
         """Whether beta_N's fakes include samples of the adapted GANs (so stage 2 needs them)."""
         return self.negative_weight > 0 and self.negative_source in ("adapted", "both")
 
+    def fakes_from_flagged(self) -> bool:
+        """Whether beta_N's fakes include the flagged negatives themselves (so stage 2 needs their images)."""
+        return self.negative_weight > 0 and self.negative_source in ("flagged", "both")
+
     def validate(self, n_adapted: int) -> None:
         valid = REPULSION_METHODS + FINETUNE_METHODS
         if self.method not in valid:
@@ -250,7 +254,7 @@ def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, n
                           "GANs as fakes for D, and none were given: run stage 1 first and pass its GANs (agu run does; "
                           "agu unlearn --adapted DIR), take the flagged negatives instead (--negative-source flagged), or "
                           "set negative_weight to 0 (--negative-weight 0)")
-    if cfg.negative_weight > 0 and cfg.negative_source in ("flagged", "both"):
+    if cfg.fakes_from_flagged():
         shape = tuple(positives.shape[1:])
         if negatives is None or negatives.ndim != 4 or tuple(negatives.shape[1:]) != shape or len(negatives) == 0:
             got = "none" if negatives is None else f"shape {tuple(negatives.shape)}"
@@ -280,9 +284,9 @@ def negative_fakes(cfg: UnlearnConfig, adapted: list[GAN], flagged: torch.Tensor
     """The fakes of beta_N, fixed for the run (``negative_source``): ``negative_pool`` samples of the
     adapted GANs, the flagged negatives themselves (the original G's images the oracle flagged), or both."""
     parts = []
-    if cfg.negative_source in ("flagged", "both"):
+    if cfg.fakes_from_flagged():
         parts.append(flagged.to(device))
-    if cfg.negative_source in ("adapted", "both"):
+    if cfg.fakes_from_adapted():
         parts.append(adapted_samples(adapted, cfg.negative_pool, cfg.seed, device))
     return torch.cat(parts)
 
