@@ -48,9 +48,10 @@ def load_gans(device, only: str | None = None) -> dict[str, tuple[GAN, str]]:
     tp = third_party_dir()
     src = tp / "csinva_mnist_mlp_gan" if tp is not None else None
     if only in (None, "mnist_mlp") and src is not None and (src / "G--300.ckpt").is_file():
-        out = Path(tempfile.mkdtemp(prefix="agu-bench-")) / "mnist_mlp"
-        import_gan("mlp", src / "G--300.ckpt", src / "D--300.ckpt", 64, (1, 28, 28), out)
-        gans["mnist_mlp"] = (load_gan(out, device=device), "csinva MNIST MLP GAN (third party, imported)")
+        with tempfile.TemporaryDirectory(prefix="agu-bench-") as tmp:  # needed only until it is loaded
+            out = Path(tmp) / "mnist_mlp"
+            import_gan("mlp", src / "G--300.ckpt", src / "D--300.ckpt", 64, (1, 28, 28), out)
+            gans["mnist_mlp"] = (load_gan(out, device=device), "csinva MNIST MLP GAN (third party, imported)")
     return gans
 
 
