@@ -63,7 +63,18 @@ def cmd_info(args) -> None:
     card = dict(gan.card)
     card["generator_parameters"] = sum(p.numel() for p in gan.generator.parameters())
     card["discriminator_parameters"] = sum(p.numel() for p in gan.discriminator.parameters())
-    print(json.dumps(card, indent=2, sort_keys=True))
+    print(json.dumps(card if args.full else _abridged(card), indent=2, sort_keys=True))
+
+
+def _abridged(obj, max_items: int = 12):
+    """``obj`` with every list longer than ``max_items`` (a training history) replaced by a note."""
+    if isinstance(obj, dict):
+        return {k: _abridged(v, max_items) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > max_items:
+            return f"[{len(obj)} entries: agu info --full lists them]"
+        return [_abridged(v, max_items) for v in obj]
+    return obj
 
 
 def cmd_sample(args) -> None:
@@ -273,9 +284,20 @@ def cmd_run(args) -> None:
                   progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]), "gan": args.gan,
                                                          "classifier": args.classifier}, resume=args.resume)
     print(summary(metrics))
-    parts = ["unlearned/", *(["adapted/"] if (Path(args.out) / "adapted").is_dir() else []), "metrics.json", "before.png",
-             "after.png"]
-    print(f"wrote {args.out}/ ({', '.join(parts)})")
+    print(f"wrote {args.out}/ ({', '.join(_written(Path(args.out)))})")
+
+
+def _written(out: Path) -> list[str]:
+    """What a finished run folder holds, folders first (``adapted/``, ``adapted-1/``... as ``adapted/ ... adapted-4/``)."""
+    names = sorted(p.name + "/" if p.is_dir() else p.name for p in out.iterdir())
+    folders = [n for n in names if n.endswith("/")]
+    extra = [n for n in folders if n.startswith("adapted-")]
+    if extra:  # K adapted GANs: name the first and the last
+        extra.sort(key=lambda n: int(n[len("adapted-"):-1]))
+        folders = [n for n in folders if n not in extra]
+        folders.insert(folders.index("adapted/") + 1 if "adapted/" in folders else 0,
+                       extra[0] if len(extra) == 1 else f"{extra[0]} ... {extra[-1]}")
+    return folders + [n for n in names if not n.endswith("/")]
 
 
 def cmd_adapt(args) -> None:
@@ -496,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show a GAN's card and sizes")
     p.add_argument("gan", help="GAN directory or shipped name (digits)")
+    p.add_argument("--full", action="store_true", help="print the whole card, training histories included")
     _common(p)
     p.set_defaults(func=cmd_info)
 
@@ -561,9 +584,20 @@ def main(argv=None) -> int:
         print(f"agu {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"agu {args.command}: interrupted", file=sys.stderr)
+        print(f"agu {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resume_hint(args) -> str:
+    """After Ctrl-C in ``agu run``: where the finished stages are and how to continue from them."""
+    out = getattr(args, "out", None)
+    if args.command != "run" or out is None:
+        return ""
+    state = Path(out).with_name(Path(out).name + ".partial")
+    if not state.is_dir():
+        return ""
+    return f"; {state}/ keeps what was finished: run the same command with --resume to continue from there"
 
 
 if __name__ == "__main__":

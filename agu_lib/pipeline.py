@@ -149,6 +149,9 @@ def run(
         raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
     out = Path(out)
     check_replaceable(out)  # refuse a foreign folder now, not after the training
+    if (out / "metrics.json").is_file() and is_main_process():
+        print(f"agu: {out} holds an earlier run; this run replaces it when it finishes (until then it stays as it is)",
+              file=sys.stderr, flush=True)
     device = torch.device(device)
     gan = gan.to(device).eval()
     times: dict[str, float] = {}

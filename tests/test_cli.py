@@ -25,6 +25,10 @@ def test_info_prints_the_card(capsys):
     card = json.loads(capsys.readouterr().out)
     assert card["format"] == "agu-gan" and card["image_shape"] == [1, 16, 16]
     assert card["generator_parameters"] > 0 and "command" in card["provenance"]
+    assert card["pretrain_report"]["history"].endswith("entries: agu info --full lists them]")
+    assert cli.main(["info", "digits", "--full"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert len(full["pretrain_report"]["history"]) > 12 and full["pretrain_report"]["best"] == card["pretrain_report"]["best"]
 
 
 def test_unknown_gan_lists_shipped_names(capsys):

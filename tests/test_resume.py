@@ -150,6 +150,8 @@ def test_without_resume_the_partial_state_is_discarded(gan_dir, reference, tmp_p
     out = tmp_path / "run"
     interrupt_stage2_at(monkeypatch, 6)
     assert cli.main(run_argv(gan_dir, out)) == 130
+    assert (f"agu run: interrupted; {tmp_path / 'run.partial'}/ keeps what was finished: run the same command with "
+            "--resume") in capsys.readouterr().err
     assert (tmp_path / "run.partial" / "unlearn" / "card.json").is_file()
     monkeypatch.undo()
     capsys.readouterr()
@@ -239,3 +241,16 @@ def test_unlearn_state_with_other_settings_is_refused(gan_dir, tmp_path):
     assert json.loads((tmp_path / "st" / "card.json").read_text())["step"] == 4
     with pytest.raises(ConfigError, match=r"other stage-2 settings \(differ: g_lr\)"):
         unlearn(gan, x, config=UnlearnConfig(**cfg, g_lr=5e-4), progress=False, state_dir=tmp_path / "st")
+
+
+def test_a_run_says_when_it_replaces_an_earlier_one_and_lists_what_it_wrote(gan_dir, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(run_argv(gan_dir, out, "--k", "2")) == 0
+    captured = capsys.readouterr()
+    assert "holds an earlier run" not in captured.err
+    listed = captured.out.splitlines()[-1]
+    assert listed == (f"wrote {out}/ (adapted/, adapted-1/, unlearned/, after.png, before.png, config.json, feedback.json, "
+                      "latents.safetensors, log.json, metrics.json)")
+    assert cli.main(run_argv(gan_dir, out, "--seed", "1")) == 0
+    assert f"agu: {out} holds an earlier run; this run replaces it when it finishes" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
