@@ -23,9 +23,11 @@ from .training import (
     TrainNets,
     adam,
     augment,
+    check_ema,
     check_int,
     check_positive,
     d_step,
+    ema_decay,
     g_backward,
     sample_batch,
     sample_latent_batch,
@@ -53,6 +55,7 @@ class AdaptConfig:
     seed: int = 0
     amp: bool = False  # bf16 autocast on CUDA for the adversarial part (penalties stay fp32)
     compile: bool = False  # torch.compile G and D (worth it for long runs on a GPU; the first steps compile)
+    g_ema: float = 0.0  # the adapted G is an average of G's weights (decay per step, as stage 2's g_ema); 0: the last step's
 
     def validate(self) -> None:
         for name in ("iters", "batch_size", "n_negatives", "n_models", "fisher_samples", "log_every"):
@@ -63,6 +66,7 @@ class AdaptConfig:
             check_positive(f"adapt: {name}", getattr(self, name), allow_zero=True)
         check_int("adapt: augment_shift", self.augment_shift, minimum=0)
         check_int("adapt: seed", self.seed, minimum=0, maximum=MAX_SEED)
+        check_ema("adapt: g_ema", self.g_ema, "the adapted G")
 
 
 @dataclass
@@ -135,6 +139,7 @@ def adapt(
         model = original.clone().train()
         nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
         flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
+        ema = anchor.clone() if cfg.g_ema > 0 else None  # (P,) G's weight average, starting at theta_G
         opt_g = adam(model.generator.parameters(), cfg.g_lr)
         opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
         log = LossLog(["d_loss", "g_adv", "ewc"], cfg.log_every, f"adapt (model {k + 1}/{cfg.n_models})", last=("ewc",))
@@ -148,9 +153,13 @@ def adapt(
             logged = (step + 1) % cfg.log_every == 0 or step == cfg.iters - 1  # EWC's value: only on the logged steps
             d_loss, g_adv, ewc = adapt_step(nets, opt_g, opt_d, real, z, flat, anchor, fisher, cfg, gen, device, logged)
             row = log.add(step, d_loss, g_adv, ewc if ewc is not None else unlogged)
+            if ema is not None:  # ema <- b * ema + (1 - b) * theta
+                ema.lerp_(flat.read(), 1 - ema_decay(cfg.g_ema, step))
             if row and progress:
                 bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", ewc=f"{row['ewc']:.2e}")
         log.flush(cfg.iters - 1)
+        if ema is not None:  # the adapted G is the average (D keeps its last weights)
+            flat.write_(ema)
         flat.release()
 
         # --- save: keep the adapted model ---------------------------------------------------

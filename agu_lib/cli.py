@@ -232,7 +232,7 @@ CONFIG_FLAGS = [
     ("unlearn_g_lr", "unlearn", "g_lr"), ("negative_weight", "unlearn", "negative_weight"),
     ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
     ("detector_weight", "unlearn", "detector_weight"), ("g_ema", "unlearn", "g_ema"),
-    ("negative_source", "unlearn", "negative_source"),
+    ("negative_source", "unlearn", "negative_source"), ("adapt_d_lr", "adapt", "d_lr"), ("adapt_g_ema", "adapt", "g_ema"),
 ]
 
 
@@ -441,6 +441,10 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
     p.add_argument("--k", type=int, default=None, help="number of adapted models (default 5, as in the paper's code)")
     p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
+    p.add_argument("--adapt-d-lr", type=float, default=None, help="stage-1 learning rate of D (default 1e-3)")
+    p.add_argument("--adapt-g-ema", type=float, default=None,
+                   help="stage 1: each adapted G averages G's weights over the steps with this decay (default 0: the "
+                        "last step's; 0.99 with --adapt-d-lr 3e-3 made every adapted model >= 90%% negatives, see README)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples drawn for feedback (default: 20000; 5000, the paper's, with --paper-stage2)")

@@ -300,3 +300,16 @@ def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) ->
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
         bound = f"at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+# b_t = min(g_ema, (1 + t) / (10 + t)) at step t (0-based): the average warms up, so that a short run's
+# G is an average of its own steps and not still theta_G (b_0 = 0.1; g_ema 0.99 is reached at t = 890)
+def ema_decay(g_ema: float, step: int) -> float:
+    return min(g_ema, (1 + step) / (10 + step))
+
+
+def check_ema(name: str, value, what: str) -> None:
+    """A weight-average decay must be in [0, 1)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}: {what} averages G's weights with decay {name.split(': ')[-1]} "
+                          "per step (0.99: over about the last 100 steps; 0: no average, the last step's weights)")

@@ -125,9 +125,11 @@ from .training import (
     adam,
     augment,
     autocast,
+    check_ema,
     check_int,
     check_positive,
     d_step,
+    ema_decay,
     g_backward,
     sample_batch,
     sample_index,
@@ -212,9 +214,7 @@ class UnlearnConfig:
         for name in ("g_lr", "d_lr"):
             check_positive(f"unlearn: {name}", getattr(self, name))
         check_int("unlearn: negative_pool", self.negative_pool)
-        if not (isinstance(self.g_ema, (int, float)) and 0 <= self.g_ema < 1):
-            raise ConfigError(f"unlearn: g_ema must be in [0, 1), got {self.g_ema!r}: the unlearned G averages G's weights with "
-                              "decay g_ema per step (0.99: over about the last 100 steps; 0: no average, the last step's weights)")
+        check_ema("unlearn: g_ema", self.g_ema, "the unlearned G")
         for name in ("ewc_lambda", "instance_noise", "negative_weight", "negative_latent_weight", "preserve_weight",
                      "detector_weight"):
             check_positive(f"unlearn: {name}", getattr(self, name), allow_zero=True)
@@ -403,12 +403,6 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
         rep, dist = repulsion_step(flat, reg, cfg.gamma * cfg.repulsion_lr)  # after Adam's step
         value = cfg.gamma * rep
     return d_loss, g_adv, value, dist
-
-
-# b_t = min(g_ema, (1 + t) / (10 + t)) at step t (0-based): the average warms up, so that a short run's
-# G is an average of its own steps and not still theta_G (b_0 = 0.1; g_ema 0.99 is reached at t = 890)
-def ema_decay(g_ema: float, step: int) -> float:
-    return min(g_ema, (1 + step) / (10 + step))
 
 
 def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog,

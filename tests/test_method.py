@@ -10,6 +10,7 @@ from agu_lib.directions import extrapolate, mean_gan
 from agu_lib.errors import ConfigError, DataError
 from agu_lib.losses import flatten_params
 from agu_lib.models import generator_params
+from agu_lib.training import ema_decay
 from agu_lib.unlearn import UnlearnConfig, unlearn
 
 TINY_ADAPT = AdaptConfig(iters=6, batch_size=4, n_negatives=8, fisher_samples=4, log_every=3)
@@ -98,8 +99,6 @@ def test_extrapolation_endpoints(tiny_gan, feedback):
 def test_weight_average_follows_the_iterates(tiny_gan, feedback):
     """With g_ema, the unlearned G is b_2 (b_1 (b_0 theta_G + (1 - b_0) theta_1) + (1 - b_1) theta_2) + (1 - b_2) theta_3,
     b_t = min(g_ema, (1 + t) / (10 + t)), theta_t the weights after step t of the same run without the average."""
-    from agu_lib.unlearn import ema_decay
-
     adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
     cfg = lambda iters, g_ema: UnlearnConfig(**{**TINY_UNLEARN.__dict__, "iters": iters, "g_ema": g_ema})
     iterates = [theta(unlearn(tiny_gan, feedback, adapted, cfg(k, 0.0), progress=False).gan) for k in (1, 2, 3)]
@@ -111,6 +110,25 @@ def test_weight_average_follows_the_iterates(tiny_gan, feedback):
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(got, iterates[-1], atol=1e-4)  # the average is not the last step
     assert [ema_decay(0.99, t) for t in (0, 1, 890, 5000)] == [0.1, 2 / 11, 0.99, 0.99]
+
+
+def test_adapted_weight_average_follows_the_iterates(tiny_gan, feedback):
+    """Stage 1's g_ema: the adapted G is the average of the iterates (from theta_G) that a run without
+    it goes through, and D keeps its last weights. (One model: a second one's negatives are drawn
+    after the first one's steps, so runs of different lengths give it other draws.)"""
+    cfg = lambda iters, g_ema: AdaptConfig(**{**TINY_ADAPT.__dict__, "iters": iters, "n_models": 1, "g_ema": g_ema})
+    runs = [adapt(tiny_gan, feedback.negatives, cfg(k, 0.0), progress=False).models[0] for k in (1, 2, 3)]
+    averaged = adapt(tiny_gan, feedback.negatives, cfg(3, 0.99), progress=False).models[0]
+    expected = theta(tiny_gan)
+    for t, run in enumerate(runs):
+        b = ema_decay(0.99, t)
+        expected = b * expected + (1 - b) * theta(run)
+    assert torch.allclose(theta(averaged), expected, atol=1e-6)
+    assert not torch.allclose(theta(averaged), theta(runs[-1]), atol=1e-4)  # the average is not the last step
+    d_params = lambda gan: torch.cat([p.flatten() for p in gan.discriminator.parameters()])
+    assert torch.equal(d_params(averaged), d_params(runs[-1]))
+    with pytest.raises(ConfigError, match=r"adapt: g_ema must be in \[0, 1\)"):
+        AdaptConfig(g_ema=1.0).validate()
 
 
 @pytest.mark.parametrize("g_ema", [1.0, -0.1, 2])
