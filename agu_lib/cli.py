@@ -444,7 +444,8 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--adapt-d-lr", type=float, default=None, help="stage-1 learning rate of D (default 1e-3)")
     p.add_argument("--adapt-g-ema", type=float, default=None,
                    help="stage 1: each adapted G averages G's weights over the steps with this decay (default 0: the "
-                        "last step's; 0.99 with --adapt-d-lr 3e-3 made every adapted model >= 90%% negatives, see README)")
+                        "last step's; with 0.99 and --adapt-d-lr 3e-3 the first adapted model was >= 90%% negatives in every "
+                        "trial of the README)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples drawn for feedback (default: 20000; 5000, the paper's, with --paper-stage2)")

@@ -311,5 +311,5 @@ def ema_decay(g_ema: float, step: int) -> float:
 def check_ema(name: str, value, what: str) -> None:
     """A weight-average decay must be in [0, 1)."""
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
-        raise ConfigError(f"{name} must be in [0, 1), got {value!r}: {what} averages G's weights with decay {name.split(': ')[-1]} "
-                          "per step (0.99: over about the last 100 steps; 0: no average, the last step's weights)")
+        raise ConfigError(f"{name} must be in [0, 1), got {value!r}: {what} averages G's weights with this decay per step "
+                          "(0.99: over about the last 100 steps; 0: no average, the last step's weights)")
