@@ -319,8 +319,10 @@ def cmd_adapt(args) -> None:
                 f"{args.negatives} holds {len(negatives)} readable image(s); stage 1 needs at least {needed} negatives "
                 f"(and uses {cfg.n_negatives} per adapted model when there are that many). Add images to the folder"
             )
-    else:
-        fb = collect(gan, _oracle(args, gan, clf), _n_samples(args), seed=args.seed + 101, min_negatives=needed)
+    oracle = None
+    if not args.negatives:
+        oracle = _oracle(args, gan, clf)
+        fb = collect(gan, oracle, _n_samples(args), seed=args.seed + 101, min_negatives=needed)
         negatives = fb.negatives
     cfg.seed = args.seed
     res = adapt(gan, negatives, cfg, device=device, progress=not args.quiet)
@@ -328,6 +330,28 @@ def cmd_adapt(args) -> None:
         save_gan(model, args.out if k == 0 else f"{args.out}-{k}")
     write_json_atomic(f"{args.out}.log.json", res.logs)
     print(f"wrote {len(res.models)} adapted GAN(s): {args.out}" + (f" (+ {args.out}-1 ...)" if len(res.models) > 1 else ""))
+    if oracle is not None:
+        print(adapted_shares(gan, res.models, oracle, args.seed))
+
+
+ADAPTED_TARGET = 0.9  # an adapted GAN should make at least this share of negatives (the project's stage-1 target)
+
+
+def adapted_shares(gan, models, oracle, seed: int, n: int = 2000) -> str:
+    """The share of negatives (by the oracle) that the original and each adapted GAN make on ``n``
+    latents of their own, with advice when an adapted one falls short of ``ADAPTED_TARGET``."""
+    from .metrics import generate_batched
+
+    z = gan.sample_latents(n, seed=seed + 4242)
+    share = lambda g: oracle(generate_batched(g, z)).float().mean().item()
+    shares = [share(m) for m in models]
+    text = (f"share of negatives on {n} latents: original {share(gan):.1%}, adapted "
+            + " / ".join(f"{s:.1%}" for s in shares))
+    low = sum(s < ADAPTED_TARGET for s in shares)
+    if low:
+        text += (f"\n{low} adapted GAN(s) below {ADAPTED_TARGET:.0%}: stage 1 did not reach the negatives well; "
+                 "more steps (--adapt-iters) or --adapt-g-ema 0.99 --adapt-d-lr 3e-3 usually help (README, 'Stage 1 itself')")
+    return text
 
 
 def cmd_unlearn(args) -> None:

@@ -78,3 +78,24 @@ def test_threads_flag(tmp_path, capsys):
         torch.set_num_threads(before)
     assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "g.png"), "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_adapt_reports_each_adapted_gans_share_of_negatives(tmp_path, capsys):
+    """agu adapt with a classifier: the share of negatives of the original and of every adapted GAN,
+    and advice when one is below 90% (a 2-step stage 1 cannot reach the 1s)."""
+    out = tmp_path / "a"
+    assert cli.main(["adapt", "digits", "--classifier", "digits", "--forget", "1", "--out", str(out), "--adapt-iters", "2",
+                     "--k", "2", "--n-samples", "1000", "--device", "cpu", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("share of negatives on 2000 latents: original ") and lines[1].count("%") == 3
+    assert lines[2].startswith("2 adapted GAN(s) below 90%") and "--adapt-g-ema 0.99 --adapt-d-lr 3e-3" in lines[2]
+
+
+def test_adapted_shares_counts_with_the_oracle(tiny_gan):
+    """An oracle that calls every image negative: 100%, no advice; one that calls none: advice for both."""
+    bright_only = lambda x: x.mean(dim=(1, 2, 3)) > -2  # every image is a negative
+    text = cli.adapted_shares(tiny_gan, [tiny_gan], bright_only, seed=0, n=50)
+    assert text == "share of negatives on 50 latents: original 100.0%, adapted 100.0%"
+    none = lambda x: x.mean(dim=(1, 2, 3)) > 2  # no image is
+    assert cli.adapted_shares(tiny_gan, [tiny_gan, tiny_gan], none, seed=0, n=50).splitlines()[1].startswith(
+        "2 adapted GAN(s) below 90%")
