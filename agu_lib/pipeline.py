@@ -299,6 +299,9 @@ def summary(metrics: dict) -> str:
     if "fid_positives_floor" in o:
         lines.append(f"  {'floor':<16} FID positives {o['fid_positives_floor']:.4f}, retained TV {o['retained_tv_floor']:.4f}"
                      "  (the original's positives on other latents: sampling noise)")
+    if "adapted" in metrics:
+        lines.append(f"  {'adapted':<16} negative share {metrics['adapted']['negative_share']:.4f}  (stage 1's first "
+                     "adapted GAN; agu adapt prints every one)")
     lines.append("  seconds          " + json.dumps(metrics["seconds"]))
     return "\n".join(lines)
 

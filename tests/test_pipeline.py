@@ -36,6 +36,7 @@ def test_short_run_lowers_the_forgotten_class(tmp_path, capsys):
                                   "feedback.json, latents.safetensors, log.json, metrics.json)") in out_text
     assert o["fid_positives_floor"] > 0 and "fid_positives_floor" not in u  # the floor: a reference of the original
     assert f"floor            FID positives {o['fid_positives_floor']:.4f}" in out_text
+    assert f"adapted          negative share {m['adapted']['negative_share']:.4f}  (stage 1's first adapted GAN" in out_text
 
 
 def test_finetune_on_flagged_fakes_runs_without_stage_1(tmp_path, capsys):
