@@ -340,12 +340,11 @@ ADAPTED_TARGET = 0.9  # an adapted GAN should make at least this share of negati
 def adapted_shares(gan, models, oracle, seed: int, n: int = 2000) -> str:
     """The share of negatives (by the oracle) that the original and each adapted GAN make on ``n``
     latents of their own, with advice when an adapted one falls short of ``ADAPTED_TARGET``."""
-    from .metrics import generate_batched
+    from .metrics import evaluate, make_context
 
-    z = gan.sample_latents(n, seed=seed + 4242)
-    share = lambda g: oracle(generate_batched(g, z)).float().mean().item()
-    shares = [share(m) for m in models]
-    text = (f"share of negatives on {n} latents: original {share(gan):.1%}, adapted "
+    ctx = make_context(gan, oracle, n, seed + 4242)  # the metric "negative_share" on latents of their own
+    shares = [evaluate(m, ctx, ["negative_share"])["negative_share"] for m in models]
+    text = (f"share of negatives on {n} latents: original {ctx.orig_negative.float().mean():.1%}, adapted "
             + " / ".join(f"{s:.1%}" for s in shares))
     low = sum(s < ADAPTED_TARGET for s in shares)
     if low:
