@@ -349,7 +349,8 @@ def adapted_shares(gan, models, oracle, seed: int, n: int = 2000) -> str:
     low = sum(s < ADAPTED_TARGET for s in shares)
     if low:
         text += (f"\n{low} adapted GAN(s) below {ADAPTED_TARGET:.0%}: stage 1 did not reach the negatives well; "
-                 "more steps (--adapt-iters) or --adapt-g-ema 0.99 --adapt-d-lr 3e-3 usually help (README, 'Stage 1 itself')")
+                 "more steps (--adapt-iters) or --adapt-g-ema 0.99 --adapt-d-lr 3e-3 usually lift it (the latter at some "
+                 "cost in stage 2's removal: README, 'Stage 1 itself')")
     return text
 
 
@@ -467,8 +468,8 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--adapt-d-lr", type=float, default=None, help="stage-1 learning rate of D (default 1e-3)")
     p.add_argument("--adapt-g-ema", type=float, default=None,
                    help="stage 1: each adapted G averages G's weights over the steps with this decay (default 0: the "
-                        "last step's; with 0.99 and --adapt-d-lr 3e-3 the first adapted model was >= 90%% negatives in every "
-                        "trial of the README)")
+                        "last step's). With 0.99 and --adapt-d-lr 3e-3 every first adapted model of the README's tables "
+                        "made >= 90%% negatives, but stage 2 then removed less (results/*-stage1-average/)")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D in both stages (for long GPU runs)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="samples drawn for feedback (default: 20000; 5000, the paper's, with --paper-stage2)")
