@@ -151,3 +151,30 @@ def test_checkpoint_without_the_average_is_refused(tiny_gan, tmp_path):
     with pytest.raises(CheckpointError, match="no weight average.*without --resume"):
         load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu", ema=theta(model).clone())
     assert load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu") == 4  # without the average it loads
+
+
+
+@pytest.fixture(scope="module")
+def eights():
+    """The shipped digits GAN, an oracle for 8s and agu run's feedback draw for seed 0 (20,000 samples)."""
+    from agu_lib.checkpoint import load_gan
+    from agu_lib.classifier import load_classifier
+    from agu_lib.feedback import ClassifierOracle, collect
+
+    gan, oracle = load_gan("digits"), ClassifierOracle(load_classifier("digits"), [8])
+    return gan, oracle, collect(gan, oracle, 20000, seed=101)
+
+
+@pytest.mark.parametrize("settings, target", [
+    ({}, 0.80),  # the defaults: 84.0% (README, 'Stage 1 itself')
+    ({"g_ema": 0.99, "d_lr": 3e-3}, 0.90),  # the opt-in average and faster D: 94.9%
+])
+def test_stage1_share_of_negatives_on_the_shipped_gan(eights, settings, target):
+    """Stage 1 at full size, one model (about 15 s each): the adapted digits GAN's share of 8s on
+    5,000 latents, class 8, seed 0 (the pair where the defaults miss the 90% target by most). The
+    opt-in settings must reach the target; the defaults must not fall below where they are."""
+    gan, oracle, fb = eights
+    model = adapt(gan, fb.negatives, AdaptConfig(n_models=1, seed=0, **settings), progress=False).models[0]
+    with torch.no_grad():
+        share = oracle(model.generate(gan.sample_latents(5000, seed=1234))).float().mean().item()
+    assert share >= target, f"the adapted GAN makes {share:.1%} 8s"
