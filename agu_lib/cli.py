@@ -348,9 +348,9 @@ def adapted_shares(gan, models, oracle, seed: int, n: int = 2000) -> str:
             + " / ".join(f"{s:.1%}" for s in shares))
     low = sum(s < ADAPTED_TARGET for s in shares)
     if low:
-        text += (f"\n{low} adapted GAN(s) below {ADAPTED_TARGET:.0%}: stage 1 did not reach the negatives well; "
-                 "more steps (--adapt-iters) or --adapt-g-ema 0.99 --adapt-d-lr 3e-3 usually lift it (the latter at some "
-                 "cost in stage 2's removal: README, 'Stage 1 itself')")
+        text += (f"\n{low} adapted GAN(s) below {ADAPTED_TARGET:.0%}: stage 1 did not reach the negatives well. Purer "
+                 "adapted GANs come from more steps (--adapt-iters) or --adapt-g-ema 0.99 --adapt-d-lr 3e-3, but stage 2 "
+                 "removes more after the default stage 1 (README, 'Stage 1 itself')")
     return text
 
 
