@@ -406,7 +406,7 @@ def cmd_table(args) -> None:
         cfg.retrain_iters = args.retrain_iters
         cfg.validate()
     res = table(gan, clf, args.forget, list(range(args.seeds)), args.out, cfg, methods, real, device,
-                progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:])})
+                progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:])}, jobs=args.jobs)
     print((__import__("pathlib").Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.csv, table.json ({len(res['records'])} records)")
 
@@ -513,6 +513,9 @@ def add_method_commands(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--methods", nargs="+", default=None, help="rows (default: all, retrain when real data is at hand)")
     p.add_argument("--retrain-iters", type=int, default=None, help="iterations of the from-scratch GAN (default: 3000)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="classes computed side by side in this many processes (CPU; the threads are shared out): "
+                        "the same records as --jobs 1, sooner on a multi-core machine (default 1)")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("merge-tables", help="one table from agu table runs over different classes (same settings)")

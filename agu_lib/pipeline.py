@@ -337,6 +337,7 @@ def table(
     device="cpu",
     progress: bool = True,
     extra_config: dict | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Rows = methods, columns = forgotten classes, cells = PUL / FID / Ret-FID (mean ± std over
     seeds). Per (class, seed) the feedback draw and the adapted GANs are shared by all methods;
@@ -344,6 +345,9 @@ def table(
     on every seed's latents, so its ± reflects the evaluation latents only.
 
     ``real``: a labelled ``ImageSet`` of real data (for FID, retraining and Ret-FID), or None.
+    ``jobs``: classes computed side by side in that many processes (CPU), each with an equal share
+    of torch's threads; every (class, seed) is seeded on its own, so the records are those of
+    ``jobs=1`` (but the seconds).
     Writes ``table.md``, ``table.csv`` and ``table.json`` into ``out``.
     """
     from .feedback import ClassifierOracle
@@ -354,7 +358,14 @@ def table(
         raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     if "retrain" in methods and real is None:
         raise DataError("the retrain row needs real data; pass --no-retrain (methods without retrain) or give the data set")
+    check_int("table: jobs", jobs)
     device = torch.device(device)
+    if jobs > 1 and len(forget_classes) > 1:
+        if device.type != "cpu":
+            raise ConfigError("--jobs runs classes in CPU processes side by side; on a GPU run them one after the other "
+                              "(--jobs 1)")
+        return _table_in_processes(gan, classifier, forget_classes, seeds, out, base, methods, real, progress,
+                                   extra_config, jobs)
     gan = gan.to(device).eval()
     records = []  # one per (class, seed, method)
     for cls in forget_classes:
@@ -404,6 +415,38 @@ def table(
                                 **evaluate(adapted[0], ctx, ["negative_share", "fid"])})
     result = {"feature_network": ctx.feature_network, "classes": list(forget_classes), "seeds": list(seeds),
               "methods": list(methods), "config": {**asdict(base), **(extra_config or {})}, "records": records}
+    write_table(result, out)
+    return result
+
+
+def _table_part(args: tuple) -> dict:
+    """One class of ``table`` in a worker process (``_table_in_processes``)."""
+    threads, *rest = args
+    torch.set_num_threads(threads)
+    return table(*rest)
+
+
+def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, methods, real, progress, extra_config,
+                        jobs: int) -> dict:
+    """``table`` with each class in its own process (at most ``jobs`` at a time), merged in class order."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = min(jobs, len(forget_classes))
+    threads = max(1, torch.get_num_threads() // jobs)
+    with tempfile.TemporaryDirectory(prefix="agu-table-") as tmp:
+        work = [(threads, gan.cpu(), classifier, [cls], seeds, Path(tmp) / str(cls), config, methods, real, "cpu", False,
+                 extra_config) for cls in forget_classes]
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = []
+            for cls, part in zip(forget_classes, pool.map(_table_part, work)):
+                parts.append(part)
+                if progress:
+                    print(f"class {cls} done", flush=True)
+    result = merge_tables(parts, [f"class {cls}" for cls in forget_classes])
+    result.pop("merged_from")
+    result["config"] = {**asdict(config), **(extra_config or {})}  # one command, as from one process
     write_table(result, out)
     return result
 

@@ -176,3 +176,22 @@ def test_merge_tables_joins_classes_and_refuses_mismatches(tmp_path, capsys):
         merge_tables([_fake_table(1), other])
     assert main(["merge-tables", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
     assert "holds no table.json" in capsys.readouterr().err
+
+
+def test_table_jobs_gives_the_records_of_one_process(tmp_path, capsys):
+    """--jobs 2 computes the classes in two processes; the records are those of --jobs 1 but for the seconds,
+    and the table keeps one command; --jobs 0 is refused."""
+    base = ["table", "digits", "--classifier", "digits", "--forget", "1", "8", "--seeds", "1", "--methods", "finetune", "el2",
+            "--iters", "10", "--adapt-iters", "10", "--k", "2", "--n-samples", "1000", "--n-eval", "200", "--quiet",
+            "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / d / "table.json").read_text()) for d in ("one", "two"))
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+    assert two["classes"] == [1, 8] and len(two["records"]) == len(one["records"]) == 8
+    assert drop(two["records"]) == drop(one["records"])
+    assert "merged_from" not in two and isinstance(two["config"]["command"], str)  # one command, not one per process
+    assert two["config"] == one["config"]  # (the command line: sys.argv, here pytest's)
+    capsys.readouterr()
+    assert main([*base, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "jobs must be an integer at least 1" in capsys.readouterr().err and not (tmp_path / "zero").exists()
