@@ -419,11 +419,10 @@ def table(
     return result
 
 
-def _table_part(args: tuple) -> dict:
+def _table_part(threads: int, kwargs: dict) -> dict:
     """One class of ``table`` in a worker process (``_table_in_processes``)."""
-    threads, *rest = args
     torch.set_num_threads(threads)
-    return table(*rest)
+    return table(**kwargs)
 
 
 def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, methods, real, progress, extra_config,
@@ -436,11 +435,12 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
     jobs = min(jobs, len(forget_classes))
     threads = max(1, torch.get_num_threads() // jobs)
     with tempfile.TemporaryDirectory(prefix="agu-table-") as tmp:
-        work = [(threads, gan.cpu(), classifier, [cls], seeds, Path(tmp) / str(cls), config, methods, real, "cpu", False,
-                 extra_config) for cls in forget_classes]
+        shared = {"gan": gan.cpu(), "classifier": classifier, "seeds": seeds, "config": config, "methods": methods,
+                  "real": real, "device": "cpu", "progress": False, "extra_config": extra_config}
+        work = [{**shared, "forget_classes": [cls], "out": Path(tmp) / str(cls)} for cls in forget_classes]
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = []
-            for cls, part in zip(forget_classes, pool.map(_table_part, work)):
+            for cls, part in zip(forget_classes, pool.map(_table_part, [threads] * len(work), work)):
                 parts.append(part)
                 if progress:
                     print(f"class {cls} done", flush=True)
