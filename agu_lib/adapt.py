@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .data import check_images
 from .distributed import broadcast_
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .losses import ewc_penalty_half_grad, fisher_diagonal, flatten_params
-from .models import GAN, generator_params
+from .models import GAN, check_gan, finetuning_mode, generator_params
 from .training import (
     MAX_SEED,
     FlatParams,
@@ -110,10 +111,11 @@ def adapt(
     pool is smaller). ``gan`` itself is not changed.
     """
     cfg = config or AdaptConfig()
+    if not isinstance(cfg, AdaptConfig):
+        raise ConfigError(f"config must be an AdaptConfig, got {type(cfg).__name__} (e.g. AdaptConfig(**your_dict))")
     cfg.validate()
     device = torch.device(device) if device is not None else gan.device
-    if negatives.ndim != 4 or tuple(negatives.shape[1:]) != gan.image_shape:
-        raise DataError(f"negatives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(negatives.shape)}")
+    check_images(negatives, gan.image_shape, "negatives")
     if len(negatives) < 2:
         raise DataError(f"adapt needs at least 2 negatives, got {len(negatives)}; give more negative images "
                         f"(agu run asks for {MIN_NEGATIVES}; {cfg.n_negatives} = n_negatives are used when there are that many)")
@@ -124,7 +126,8 @@ def adapt(
     # --- setup: fixed things computed once --------------------------------------------
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    original = gan.to(device).eval()
+    check_gan(gan)
+    original = gan.clone().to(device).eval()  # (a copy: the caller's GAN keeps its device and mode)
     anchor = flatten_params(generator_params(original)).detach()  # theta_G, (P,)
     z_fisher = original.sample_latents(cfg.fisher_samples, seed=cfg.seed + 7919)
     fisher = broadcast_(fisher_diagonal(original.generator, original.discriminator, z_fisher))  # (P,), rank 0's
@@ -136,7 +139,7 @@ def adapt(
     for k in range(cfg.n_models):
         draw = torch.randperm(len(pool), generator=gen)[: cfg.n_negatives]
         real_set = pool[draw.to(device)]
-        model = original.clone().train()
+        model = finetuning_mode(original.clone())  # train mode; G's batch norm (if any) keeps its statistics
         nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
         flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
         ema = anchor.clone() if cfg.g_ema > 0 else None  # (P,) G's weight average, starting at theta_G

@@ -15,6 +15,7 @@ resolve to the project's ``data/`` folder.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -87,18 +88,47 @@ def sha256_file(path: Path) -> str:
 AGU_MARKERS = ("card.json", "metrics.json", "run-state.json", "table.json")
 
 
-def check_replaceable(path) -> None:
+def output_kind(path: Path) -> str | None:
+    """What agu wrote in directory ``path``: "run", "table", a checkpoint's card format ("agu-gan",
+    "agu-classifier", ...), or None."""
+    if (path / "metrics.json").is_file() or (path / "run-state.json").is_file():
+        return "run"
+    if (path / "table.json").is_file():
+        return "table"
+    if (path / "card.json").is_file():
+        try:
+            fmt = json.loads((path / "card.json").read_text()).get("format")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            fmt = None
+        return fmt if isinstance(fmt, str) else "checkpoint"
+    return None
+
+
+KIND_NAMES = {"run": "run directory", "table": "table", "agu-gan": "GAN", "agu-classifier": "classifier",
+              "agu-train-state": "training state"}
+
+
+def check_replaceable(path, kind: str | None = None) -> None:
     """Refuse to write over ``path`` unless it is missing, an empty directory or a directory agu
-    wrote (it holds one of ``AGU_MARKERS``): a typo in ``--out`` must not delete a user's folder."""
+    wrote (it holds one of ``AGU_MARKERS``) of the same ``kind`` (``output_kind``; None: any): a typo
+    in ``--out`` must not delete a user's folder, nor a GAN that a table or a run would replace."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a directory; agu will not replace it. Choose another output path")
-    if any(path.iterdir()) and not any((path / m).is_file() for m in AGU_MARKERS):
+    if not any(path.iterdir()):
+        return
+    found = output_kind(path)
+    if found is None:
         raise CheckpointError(
             f"{path} is a non-empty directory that agu did not write (it holds no {' / '.join(AGU_MARKERS)}); "
             "agu replaces only its own outputs. Choose another output path, or move that folder away"
+        )
+    if kind is not None and found != kind and not (kind.startswith("agu-") and found == "checkpoint"):
+        raise CheckpointError(
+            f"{path} holds an agu {KIND_NAMES.get(found, found)}; agu will not replace it with a {KIND_NAMES.get(kind, kind)}. "
+            "Choose another output path"
         )
 
 
@@ -112,11 +142,12 @@ class atomic_dir:
             save_file(..., tmp / "x.safetensors")
     """
 
-    def __init__(self, path):
+    def __init__(self, path, kind: str | None = None):
         self.path = Path(path)
+        self.kind = kind
 
     def __enter__(self) -> Path:
-        check_replaceable(self.path)
+        check_replaceable(self.path, self.kind)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         umask = os.umask(0)
@@ -157,7 +188,7 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_tensor_dir(path, tensors: dict[str, dict[str, torch.Tensor]], card: dict) -> Path:
     """Save ``{file_stem: state_dict}`` as safetensors plus ``card.json`` (with SHA-256s), atomically."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, card.get("format")) as tmp:
         files = {}
         for stem, sd in tensors.items():
             fname = f"{stem}.safetensors"
@@ -166,6 +197,9 @@ def save_tensor_dir(path, tensors: dict[str, dict[str, torch.Tensor]], card: dic
         card = {**card, "version": FORMAT_VERSION, "files": files}
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return path
+
+
+WHAT_FORMAT = {"agu-gan": "a GAN", "agu-classifier": "a classifier"}
 
 
 def read_card(path, expected_format: str, required=("format", "version", "files")) -> dict:
@@ -180,13 +214,16 @@ def read_card(path, expected_format: str, required=("format", "version", "files"
         raise CheckpointError(f"{card_path} is not valid JSON ({e}); re-create the checkpoint") from None
     if not isinstance(card, dict):
         raise CheckpointError(f"{card_path} must hold a JSON object")
+    if "format" in card and card["format"] != expected_format:  # before the fields: a classifier given as a GAN, say
+        what = {"agu-gan": "a GAN (give it as GAN, --original or --adapted)",
+                "agu-classifier": "a classifier (give it to --classifier)"}.get(str(card["format"]), f"a {card['format']!r} checkpoint")
+        raise CheckpointError(f"{path} holds {what}, not {WHAT_FORMAT.get(expected_format, repr(expected_format))}")
     missing = [k for k in required if k not in card]
     if missing:
         raise CheckpointError(f"{card_path} lacks the fields {missing}; re-create the checkpoint with agu")
-    if card["format"] != expected_format:
-        raise CheckpointError(f"{path} holds a {card['format']!r} checkpoint, not {expected_format!r}")
     if card["version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has card version {card['version']}; this agu reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has card version {card['version']!r}; this agu reads version {FORMAT_VERSION!r}: "
+                              "re-create the checkpoint with this agu")
     return card
 
 
@@ -265,7 +302,8 @@ def load_gan(path_or_name, device="cpu") -> GAN:
     if not isinstance(card["arch"], str) or card["arch"] not in ARCHITECTURES:
         raise CheckpointError(
             f"{path} needs architecture {card['arch']!r}, which is not registered; "
-            f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture"
+            f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture before loading "
+            "(in every process); on the command line, name the file or module that registers it: agu --import my_gan.py ..."
         )
     shape, latent_dim = card["image_shape"], card["latent_dim"]
     if not (
@@ -289,8 +327,13 @@ def load_gan(path_or_name, device="cpu") -> GAN:
         raise CheckpointError(f"{path}/card.json describes a GAN that cannot be built: {e}; re-create the checkpoint") from None
     load_state_checked(gan.generator, load_tensor_file(path, card, "generator.safetensors"), f"{path}/generator.safetensors")
     load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
+    bad = [n for n, t in itertools.chain(gan.generator.state_dict().items(), gan.discriminator.state_dict().items())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or inf weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): the GAN "
+                              "it was saved from had diverged. Use an earlier checkpoint, or train again")
     gan.card = card
-    return gan.to(device)
+    return gan.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ class Classifier(nn.Module):
         if tuple(image_shape) != self.image_shape:
             raise ConfigError(
                 f"the classifier takes images of shape {self.image_shape} but got {tuple(image_shape)}; "
-                "use a classifier trained on images of the GAN's shape (agu train-classifier)"
+                "use a classifier trained on images of the GAN's shape (agu train-classifier makes one for digits or "
+                "MNIST; for other data, agu_lib.classifier.train_classifier on your labelled images)"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

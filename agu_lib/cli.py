@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import AguError, ConfigError
+from .models import import_architectures
 
 
 def pick_device(name: str) -> torch.device:
@@ -45,6 +48,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _percentile(text: str) -> float:
+    """--bold: a percentile strictly between 0 and 100."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 100:
+        raise argparse.ArgumentTypeError(f"must be a percentile between 0 and 100 (exclusive), e.g. 80; got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: auto)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**31 - 1 (default: 0)")
@@ -52,6 +66,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; use 1 when other jobs share the cores)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="a Python file or module to import first, e.g. one that registers your GAN's architecture "
+                        "with agu_lib.register_architecture (repeatable)")
 
 
 def cmd_info(args) -> None:
@@ -77,13 +94,19 @@ def _abridged(obj, max_items: int = 12):
     return obj
 
 
+MAX_GRID = 10_000  # agu sample: samples in one grid (100 x 100 images)
+
+
 def cmd_sample(args) -> None:
     from .checkpoint import load_gan
     from .plotting import save_grid
 
+    if not 1 <= args.n <= MAX_GRID:
+        raise ConfigError(f"--n must be between 1 and {MAX_GRID:,} (one grid image), got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg") or out.is_dir():
+        raise ConfigError(f"--out {args.out} must be an image file name ending in .png, .jpg or .jpeg")
     gan = load_gan(args.gan, device=pick_device(args.device))
-    if args.n < 1:
-        raise ConfigError(f"--n must be at least 1, got {args.n}")
     x = gan.sample(args.n, seed=args.seed)
     save_grid(x, args.out)
     print(f"wrote {args.n} samples of {args.gan} (seed {args.seed}) to {args.out}")
@@ -183,6 +206,46 @@ def cmd_pretrain(args) -> None:
 # The method: adapt, unlearn, evaluate, run, table
 
 
+def _input_path(arg, kind: str) -> Path | None:
+    """The folder an input argument names (a path, or a shipped name), or None if there is none."""
+    from .checkpoint import resolve
+    from .errors import CheckpointError
+
+    if Path(arg).exists():
+        return Path(arg).resolve()
+    try:
+        return resolve(arg, kind).resolve()
+    except CheckpointError:
+        return None
+
+
+def _refuse_overlap(out, inputs) -> None:
+    """``--out`` must not be, hold or sit inside an input (GAN, classifier, folder): writing it would
+    replace or alter that input."""
+    o = Path(out).resolve()
+    for arg, kind in inputs:
+        p = _input_path(arg, kind) if arg else None
+        if p is not None and (o == p or p in o.parents or o in p.parents):
+            raise ConfigError(f"--out {out} {'is' if o == p else 'overlaps'} the input {arg} ({p}): writing there would "
+                              "replace or alter it. Choose another output path")
+
+
+def _check_forget(args, clf) -> None:
+    """--forget: distinct classes of the classifier, not all of them; not together with --bold."""
+    if getattr(args, "bold", None) is not None:
+        if args.forget:
+            raise ConfigError("--bold forgets a feature by a predicate, --forget a class: give one or the other "
+                              "(with --bold, a --classifier only gives the FID features)")
+        return
+    forget = getattr(args, "forget", None) or []
+    twice = sorted({c for c in forget if forget.count(c) > 1})
+    if twice:
+        raise ConfigError(f"--forget names class(es) {twice} more than once; name each class once")
+    if clf is not None and forget and len(set(forget)) >= clf.n_classes:
+        raise ConfigError(f"--forget names all {clf.n_classes} classes of the classifier: nothing would be left to keep. "
+                          "Forget fewer classes")
+
+
 def _load_pair(args, device):
     """The GAN and the classifier of a method command, with their shapes checked."""
     from .checkpoint import load_gan
@@ -193,6 +256,7 @@ def _load_pair(args, device):
     if getattr(args, "classifier", None):
         clf = load_classifier(args.classifier, device=device)
         clf.check_shape(gan.image_shape)
+    _check_forget(args, clf)
     return gan, clf
 
 
@@ -222,6 +286,9 @@ def _real_without(args, gan, forget):
         return None, None
     else:
         raise ConfigError(f"--real {name} does not fit a GAN of image shape {gan.image_shape}; use --real none")
+    if name == "auto" and not getattr(args, "quiet", False):
+        print(f"agu: real data for FID and retraining: {real.name} (chosen by the image shape "
+              f"{'x'.join(map(str, gan.image_shape))}; --real none if the GAN was trained on other data)", file=sys.stderr)
     return real, (real.without(forget).images if forget else real.images)
 
 
@@ -256,6 +323,11 @@ def _run_config(args):
 
         cfg.unlearn = replace(cfg.unlearn, **PAPER_STAGE2)
     if args.gamma is not None:
+        from .unlearn import REPULSION_METHODS
+
+        if args.method not in (*REPULSION_METHODS, "extrapolate"):
+            raise ConfigError(f"--gamma is the repulsion weight (el2, il2, nl2) or the extrapolation factor; method "
+                              f"{args.method} has none: leave --gamma out")
         if args.method == "extrapolate":
             cfg.extrapolate_gamma = args.gamma
         else:
@@ -267,7 +339,14 @@ def _run_config(args):
         cfg.adapt.compile = cfg.unlearn.compile = True
     if getattr(args, "checkpoint_every", None) is not None:
         cfg.unlearn.checkpoint_every = args.checkpoint_every
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:  # name the flag the user typed, not the config field
+        named = [(flag, stage, field) for flag, stage, field in CONFIG_FLAGS + [("gamma", "unlearn", "gamma")]
+                 if str(e).startswith((f"{stage}: {field} ", f"{field} ")) and getattr(args, flag, None) is not None]
+        if named:
+            raise ConfigError(f"--{named[0][0].replace('_', '-')}: {e}") from None
+        raise
     return cfg
 
 
@@ -276,6 +355,7 @@ def cmd_run(args) -> None:
 
     device = pick_device(args.device)
     cfg = _run_config(args)
+    _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier")])
     gan, clf = _load_pair(args, device)
     oracle = _oracle(args, gan, clf)
     forget = [] if args.bold is not None else args.forget
@@ -309,7 +389,15 @@ def cmd_adapt(args) -> None:
 
     device = pick_device(args.device)
     cfg = _run_config(args).adapt
-    check_replaceable(args.out)
+    if args.negatives and (args.forget or args.classifier or args.bold is not None):
+        raise ConfigError("--negatives gives the negatives itself; it takes no --classifier, --forget or --bold (give one or the other)")
+    outs = [args.out] + [f"{args.out}-{k}" for k in range(1, cfg.n_models)]  # every folder, before the training
+    _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier"), (args.negatives, "folder")])
+    for out in outs:
+        _refuse_overlap(out, [(args.gan, "gan"), (args.negatives, "folder")])
+        check_replaceable(out, "agu-gan")
+    if Path(f"{args.out}.log.json").is_dir():
+        raise ConfigError(f"{args.out}.log.json is a directory; agu writes stage 1's log there. Choose another --out")
     gan, clf = _load_pair(args, device)
     needed = min(cfg.n_negatives, MIN_NEGATIVES)
     if args.negatives:
@@ -355,13 +443,18 @@ def adapted_shares(gan, models, oracle, seed: int, n: int = 2000) -> str:
 
 
 def cmd_unlearn(args) -> None:
-    from .checkpoint import load_gan, save_gan
+    from .checkpoint import check_replaceable, load_gan, save_gan
     from .feedback import collect
-    from .unlearn import unlearn
+    from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, unlearn
 
+    if args.method not in REPULSION_METHODS + FINETUNE_METHODS:
+        raise ConfigError(f"agu unlearn runs stage 2 ({', '.join(REPULSION_METHODS + FINETUNE_METHODS)}); method "
+                          f"{args.method} has no stage 2 of its own: use agu run --method {args.method}")
     device = pick_device(args.device)
     ucfg = _run_config(args).unlearn
     ucfg.method, ucfg.seed = args.method, args.seed
+    _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier"), *((a, "gan") for a in args.adapted or [])])
+    check_replaceable(args.out, "agu-gan")
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
     if not adapted and ucfg.negative_weight > 0 and ucfg.negative_source == "adapted" and args.negative_weight is None:
@@ -399,6 +492,11 @@ def cmd_table(args) -> None:
 
     device = pick_device(args.device)
     cfg = _run_config(args)
+    if args.bold is not None:
+        raise ConfigError("agu table forgets classes (--classifier CLF --forget ...); for --bold use agu run")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
+    _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier")])
     gan, clf = _load_pair(args, device)
     real, _ = _real_without(args, gan, [])
     methods = args.methods or [m for m in TABLE_METHODS if real is not None or m != "retrain"]
@@ -439,7 +537,7 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--classifier", help="classifier directory or shipped name (digits, mnist) that plays the user")
     p.add_argument("--forget", type=int, nargs="+", default=[], help="class(es) to forget")
     p.add_argument("--threshold", type=float, default=0.5, help="classifier probability that makes a sample negative")
-    p.add_argument("--bold", type=float, default=None, metavar="PERCENTILE",
+    p.add_argument("--bold", type=_percentile, default=None, metavar="PERCENTILE",
                    help="feature-level: forget 'bold strokes' (ink mass above this percentile of the GAN's samples)")
     p.add_argument("--method", default="el2", choices=METHODS, help="unlearning method (default: el2)")
     p.add_argument("--gamma", type=float, default=None, help="repulsion weight (> 0), or extrapolation factor (> 1)")
@@ -532,13 +630,22 @@ def cmd_merge_tables(args) -> None:
     from .errors import DataError
     from .pipeline import merge_tables, write_table
 
+    _refuse_overlap(args.out, [(d, "folder") for d in args.tables])
+    check_replaceable(args.out, "table")
     parts = []
     for d in args.tables:
         f = Path(d) / "table.json"
         if not f.is_file():
             raise DataError(f"{d} holds no table.json: give the --out folders of agu table runs")
-        parts.append(json.loads(f.read_text()))
-    check_replaceable(args.out)
+        try:
+            part = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{f} is not valid JSON ({e}): make that table again with agu table") from None
+        missing = [k for k in ("feature_network", "classes", "seeds", "methods", "config", "records")
+                   if not isinstance(part, dict) or k not in part]
+        if missing:
+            raise DataError(f"{f} is not an agu table (it lacks {missing}): make that table again with agu table")
+        parts.append(part)
     write_table(merge_tables(parts, [str(d) for d in args.tables]), args.out)
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.csv, table.json (merged from {len(parts)} tables)")
@@ -598,9 +705,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings on the command line: one line, without the source location."""
+    print(f"agu: note: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # (the caller's warning settings come back afterwards)
+        if not getattr(args, "debug", False):
+            warnings.showwarning = _show_warning
+        return _main(args)
+
+
+def _main(args) -> int:
+    """The command of ``args``, with the expected failures as one line each."""
     try:
         from .distributed import init_from_env
 
@@ -608,12 +728,20 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        import_architectures(getattr(args, "imports", []))
         init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)
         args.func(args)
     except AguError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"agu {args.command}: error: {e}", file=sys.stderr)
+        print(f"agu {args.command}: error: {e}{_resume_hint(args)}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as e:  # the file system: a path that cannot be written, a full disk
+        if getattr(args, "debug", False):
+            raise
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else str(e)
+        print(f"agu {args.command}: error: {what}. Check that the path exists and is writable and that the disk has "
+              f"space{_resume_hint(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"agu {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
@@ -622,12 +750,18 @@ def main(argv=None) -> int:
 
 
 def _resume_hint(args) -> str:
-    """After Ctrl-C in ``agu run``: where the finished stages are and how to continue from them."""
+    """After an interrupted or failed ``agu run``: where the finished stages are and how to continue
+    from them. A state folder with nothing finished in it (only its record) is removed."""
+    import shutil
+
     out = getattr(args, "out", None)
     if args.command != "run" or out is None:
         return ""
     state = Path(out).with_name(Path(out).name + ".partial")
     if not state.is_dir():
+        return ""
+    if {p.name for p in state.iterdir()} <= {"run-state.json"}:
+        shutil.rmtree(state, ignore_errors=True)
         return ""
     return f"; {state}/ keeps what was finished: run the same command with --resume to continue from there"
 

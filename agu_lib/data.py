@@ -284,6 +284,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {1: "L", 3: "RGB"}
 
 
+def check_images(x, image_shape, what: str) -> None:
+    """``x`` must be a float tensor ``(n, *image_shape)`` with values in [-1, 1] (``DataError`` otherwise)."""
+    shape = tuple(image_shape)
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"{what} must be a tensor (n, {', '.join(map(str, shape))}), got {got}")
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise DataError(f"{what} must be finite floating-point images in [-1, 1]")
+    if len(x) and (float(x.min()) < -1.01 or float(x.max()) > 1.01):
+        raise DataError(f"{what} must lie in [-1, 1] (the GAN's range), got values from {float(x.min()):.3g} to "
+                        f"{float(x.max()):.3g}; images in 0..255 map to it by x / 127.5 - 1, in 0..1 by 2 x - 1")
+
+
 def load_folder(path, image_shape, convert: bool = False) -> ImageSet:
     """The PNG/JPEG images directly inside ``path`` (sorted by name, no labels) as
     ``(N, C, H, W)`` in [-1, 1] (pixel values 0..255 map linearly to -1..1; nothing is inverted,
@@ -327,6 +340,8 @@ def load_folder(path, image_shape, convert: bool = False) -> ImageSet:
         except Exception as e:  # noqa: BLE001 -- Pillow raises many types on bad bytes; the file is untrusted input
             skipped.append(f"{f.name} ({type(e).__name__})")
             continue
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: Pillow's convert would clip at 255; scale it
+            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8), mode="L")
         if img.size != (w, h) or img.mode not in (mode, "1" if c == 1 else mode):
             if not convert:
                 raise DataError(

@@ -15,21 +15,23 @@ from .errors import ConfigError
 from .models import GAN
 
 
-# theta(gamma) = theta_N + gamma * (theta_G - theta_N), for G and D alike (every floating tensor)
+# theta(gamma) = theta_N + gamma * (theta_G - theta_N), for G and D alike (every parameter)
 @torch.no_grad()
 def extrapolate(original: GAN, adapted: GAN, gamma: float) -> GAN:
     """A new GAN at ``theta_N + gamma (theta_G - theta_N)``; with several adapted GANs pass their
-    mean (``mean_gan``). ``gamma = 1`` returns the original's parameters exactly."""
+    mean (``mean_gan``). ``gamma = 1`` returns the original's parameters exactly. Buffers (batch
+    norm's running statistics) are the original's: extrapolated, a variance could turn negative."""
     if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
         raise ConfigError(f"gamma must be a number, got {gamma!r}")
     out = original.clone()
     sd_g, sd_n = original.state_dict(), adapted.state_dict()
     if sd_g.keys() != sd_n.keys():
         raise ConfigError("the adapted GAN does not have the original's architecture")
+    params = {k for k, _ in original.named_parameters()}
     new = {}
     for k, tg in sd_g.items():
         tn = sd_n[k].to(tg.device)
-        new[k] = tg.clone() if (gamma == 1 or not tg.is_floating_point()) else tn + gamma * (tg - tn)
+        new[k] = tg.clone() if (gamma == 1 or k not in params or not tg.is_floating_point()) else tn + gamma * (tg - tn)
     out.load_state_dict(new)
     out.provenance = {**original.provenance, "stage": "extrapolated", "gamma": float(gamma)}
     return out

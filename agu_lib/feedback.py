@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, FeedbackError
+from .models import evaluating
 
 
 class ClassifierOracle:
@@ -109,10 +110,18 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     Raises ``FeedbackError`` when fewer than ``min_negatives`` negatives come out, naming the
     measured share and what to do.
     """
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ConfigError(f"n_samples must be a positive integer, got {n_samples!r}")
     z = gan.sample_latents(n_samples, seed)  # as gan.sample, keeping the latents
-    x = torch.cat([gan.generate(zb) for zb in z.split(batch_size)]).cpu()
+    with evaluating(gan):  # each latent's image on its own, whatever the batch (batch norm)
+        x = torch.cat([gan.generate(zb) for zb in z.split(batch_size)]).cpu()
     z = z.cpu()
     neg = oracle(x)
+    if not isinstance(neg, torch.Tensor) or neg.dtype != torch.bool or neg.shape != (n_samples,):
+        got = f"{neg.dtype} {tuple(neg.shape)}" if isinstance(neg, torch.Tensor) else type(neg).__name__
+        raise ConfigError(f"the oracle must return one bool per image, a bool tensor ({n_samples},), got {got}: "
+                          "True marks a negative (what to forget)")
+    neg = neg.cpu()
     share = float(neg.float().mean())
     if int(neg.sum()) < min_negatives:
         enough = math.ceil(1.5 * min_negatives / share) if share > 0 else 10 * n_samples  # samples for ~1.5x the minimum

@@ -45,6 +45,8 @@ _MLP_KEY = re.compile(r"^(?:layers\.|main\.|model\.|net\.)?(\d+)\.(weight|bias)$
 
 def _load_foreign(path: Path, role: str) -> dict[str, torch.Tensor]:
     """The state dict in a foreign checkpoint, loaded without unpickling anything but tensors."""
+    if path.is_dir():
+        raise CheckpointError(f"{role} checkpoint {path} is a directory; give the checkpoint file itself (.pt, .pth, .ckpt)")
     if not path.is_file():
         raise CheckpointError(f"{role} checkpoint {path} does not exist")
     try:
@@ -53,6 +55,8 @@ def _load_foreign(path: Path, role: str) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200] if str(e) else ""
+        for hint in ("Re-running", "Check the documentation", "You can use", "(1)"):  # not torch's advice to unpickle anyway
+            reason = reason.split(hint)[0].strip()
         raise CheckpointError(
             f"{path} refused: the file holds Python objects other than tensors (or is not a PyTorch "
             f"checkpoint at all); agu never unpickles code. ({reason}) Ask for a plain state_dict "
@@ -168,6 +172,9 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ConfigError(f"image_shape must be three positive integers (C, H, W), got {image_shape}")
+    if image_shape[0] not in (1, 3):
+        raise ConfigError(f"image_shape {','.join(map(str, image_shape))} has {image_shape[0]} channels; images have 1 "
+                          "(grayscale) or 3 (RGB): give C,H,W with the channels first, e.g. 1,28,28")
     if latent_dim < 1:
         raise ConfigError(f"latent_dim must be positive, got {latent_dim}")
     if arch not in ("mlp", "dcgan"):

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .losses import flatten_params
-from .models import GAN, generator_params
+from .models import GAN, evaluating, generator_params
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -25,9 +25,15 @@ from .models import GAN, generator_params
 
 @torch.no_grad()
 def generate_batched(gan: GAN, z: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Images for latents ``z`` on the CPU, in batches, without grad."""
+    """Images for latents ``z`` on the CPU, in batches, without grad, in eval mode. A GAN whose
+    images are not finite (NaN or inf: it diverged) raises ``TrainingError``."""
     gan_device = gan.device
-    return torch.cat([gan.generate(zb.to(gan_device)).float().cpu() for zb in z.split(batch_size)])
+    with evaluating(gan):
+        x = torch.cat([gan.generate(zb.to(gan_device)).float().cpu() for zb in z.split(batch_size)])
+    if not bool(torch.isfinite(x).all()):
+        raise TrainingError(f"the GAN's images contain NaN or inf ({int((~torch.isfinite(x)).sum())} values): its "
+                            "weights diverged, so there is nothing to evaluate; lower the learning rate, gamma or the iterations")
+    return x
 
 
 def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -175,11 +181,13 @@ def _outputs(gan: GAN, ctx: EvalContext) -> dict:
 # The registry
 
 METRICS: dict[str, Callable[[GAN, EvalContext], dict]] = {}
+METRIC_NEEDS: dict[str, str] = {}  # name -> what the context must hold for the metric to give a value
 
 
-def metric(name: str):
+def metric(name: str, needs: str = ""):
     def register(fn):
         METRICS[name] = fn
+        METRIC_NEEDS[name] = needs
         return fn
 
     return register
@@ -202,7 +210,7 @@ def negative_share(gan: GAN, ctx: EvalContext) -> dict:
     }
 
 
-@metric("fid")
+@metric("fid", needs="a classifier (the feature network)")
 def fid(gan: GAN, ctx: EvalContext) -> dict:
     """FID vs real data without the class, vs the original GAN's positive samples, vs the retrained GAN."""
     if ctx.classifier is None:
@@ -217,7 +225,7 @@ def fid(gan: GAN, ctx: EvalContext) -> dict:
 
 
 # TV = 1/2 sum_c |p_c - q_c| over the retained classes' shares (before vs after)
-@metric("retained_tv")
+@metric("retained_tv", needs="a classifier (the class labels)")
 def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None:
         return {}
@@ -234,7 +242,7 @@ def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
 # FID-to-positives is estimated from ~5,000 samples, so even this GAN scores well above 0 (on the
 # shipped digits GAN 0.07-0.31 times the original's own FID-to-positives): a GAN gets below the
 # floor only by keeping each positive latent's image. Reported for the original GAN only.
-@metric("floor")
+@metric("floor", needs="a classifier, and is reported for the original GAN only")
 def floor(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None or ctx.floor_features is None or len(ctx.floor_features) < 2 or gan is not ctx.original:
         return {}  # (fewer than 2: the GAN almost only makes negatives)
@@ -245,7 +253,7 @@ def floor(gan: GAN, ctx: EvalContext) -> dict:
             "retained_tv_floor": float(0.5 * (p - q).abs().sum())}
 
 
-@metric("precision_recall")
+@metric("precision_recall", needs="a classifier and real images (make_context(real_images=...))")
 def precision_recall(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None or ctx.real_features is None:
         return {}
@@ -268,18 +276,21 @@ def param_distance_metric(gan: GAN, ctx: EvalContext) -> dict:
 
 
 def evaluate(gan: GAN, ctx: EvalContext, metrics=None) -> dict:
-    """Run the named metrics (default: all) on ``gan``; returns one flat dict of floats."""
+    """Run the named metrics (default: all that ``ctx`` allows) on ``gan``; returns one flat dict of
+    floats. A metric named in ``metrics`` that ``ctx`` cannot give (e.g. FID without a classifier)
+    raises ``ConfigError`` saying what it needs."""
     names = list(metrics) if metrics else list(METRICS)
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
-    was = gan.training
-    gan.eval()
     out: dict = {}
     try:
-        for name in names:
-            out.update(METRICS[name](gan, ctx))
+        with evaluating(gan):
+            for name in names:
+                values = METRICS[name](gan, ctx)
+                if metrics and not values:
+                    raise ConfigError(f"metric {name!r} cannot be computed here: it needs {METRIC_NEEDS[name] or 'more'}")
+                out.update(values)
     finally:
         ctx._current = {}
-        gan.train(was)
     return out

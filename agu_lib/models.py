@@ -9,10 +9,12 @@ Conventions used everywhere in agu_lib:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -164,6 +166,121 @@ def register_architecture(name: str, builder: Callable[..., tuple[nn.Module, nn.
     ARCHITECTURES[name] = builder
 
 
+#: what ``import_architectures`` imported in this process, in order (worker processes replay it)
+IMPORTED: list[str] = []
+
+
+def import_architectures(specs) -> None:
+    """Import the Python files (``path/to/my_gan.py``) or modules (``my_package.gans``) that register
+    user architectures (``agu --import``). A file is imported as a module named after its stem, so
+    that GANs of its classes can be sent to worker processes, which import the same files first."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    for spec in specs:
+        if spec in IMPORTED:
+            continue
+        path = Path(spec)
+        try:
+            if spec.endswith(".py") or path.is_file():
+                if not path.is_file():
+                    raise FileNotFoundError(f"no such file: {path}")
+                name = path.stem
+                module_spec = importlib.util.spec_from_file_location(name, path.resolve())
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except Exception as e:  # noqa: BLE001 (any error of the user's code: one line saying which file)
+            if spec.endswith(".py") or path.is_file():
+                sys.modules.pop(path.stem, None)
+            raise ConfigError(f"--import {spec}: it could not be imported ({type(e).__name__}: {e}); give a Python file "
+                              "or an importable module that calls agu_lib.register_architecture") from None
+        IMPORTED.append(spec)
+
+
+# ----------------------------------------------------------------------------------------
+# Train and eval modes (they matter only for user modules with batch norm or dropout: the
+# built-in architectures have neither), and the check of a user's modules before training
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase,)  # batch and instance norm: the layers with running statistics
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block (batch norm uses its running statistics, so a
+    sample does not depend on the rest of its batch and no statistic changes); every submodule's
+    own mode is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def finetuning_mode(gan: GAN) -> GAN:
+    """The mode stages 1 and 2 train a pre-trained GAN in: everything in train mode except the
+    generator's normalisation layers, which keep the pre-trained running statistics (their scale
+    and shift still train). So G maps each latent on its own, as when sampling: the preserved
+    positives start exactly at their targets and per-sample gradients (the Fisher) are defined.
+    D trains as it was pre-trained (batch statistics if it has batch norm)."""
+    gan.train()
+    for m in gan.generator.modules():
+        if isinstance(m, NORM_LAYERS):
+            m.eval()
+    return gan
+
+
+def _ends_in_sigmoid(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` (possibly nested) whose last step is a sigmoid."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return isinstance(module, nn.Sigmoid)
+
+
+def check_gan(gan: GAN) -> None:
+    """One small batch through G and D before a stage trains them: G must give ``image_shape`` images
+    per latent and D one logit per image (``ConfigError`` otherwise). Warns when D looks like it returns
+    probabilities: every output on G's samples, on noise and on blank images lies in [0, 1] (a D
+    that ends in a sigmoid; agu's losses need raw logits)."""
+    n, shape = 16, gan.image_shape
+    with torch.no_grad(), evaluating(gan):
+        device = gan.device
+        try:
+            x = gan.generator(gan.sample_latents(n, seed=0, device=device))
+        except RuntimeError as e:
+            raise ConfigError(f"the generator fails on latents of shape ({n}, {gan.latent_dim}) (latent_dim {gan.latent_dim}): "
+                              f"{str(e).splitlines()[0]}; give the GAN its generator's latent size") from None
+        if x.numel() != n * math.prod(shape):
+            raise ConfigError(f"the generator returns {tuple(x.shape)} for {n} latents, not {n} images of shape {shape} "
+                              "(image_shape): give the GAN the image shape its generator makes")
+        x = x.reshape(n, *shape)
+        noise = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+        blank = torch.stack([torch.full(shape, v) for v in (-1.0, 1.0)]).to(device)
+        outs = []
+        for batch in (x, noise, blank):
+            try:
+                out = gan.discriminator(batch)
+            except RuntimeError as e:
+                raise ConfigError(f"the discriminator fails on images of shape {tuple(batch.shape)}: "
+                                  f"{str(e).splitlines()[0]}") from None
+            if out.numel() != len(batch):
+                raise ConfigError(f"the discriminator returns {tuple(out.shape)} for {len(batch)} images; it must return one "
+                                  "raw logit per image, (N,) or (N, 1)")
+            outs.append(out.reshape(-1).float())
+        out = torch.cat(outs)
+    if bool(((out >= 0) & (out <= 1)).all()) and float(out.std()) > 0:
+        warnings.warn(
+            "the discriminator's outputs all lie in [0, 1] (on the generator's samples, on noise and on blank images): "
+            "does it end in a sigmoid? agu's losses need raw logits; remove the final sigmoid (the weights stay the "
+            "same), or the GAN will barely learn", stacklevel=1)
+
+
 # ----------------------------------------------------------------------------------------
 # The abstraction
 
@@ -174,7 +291,8 @@ class GAN(nn.Module):
     Arguments:
         generator: ``nn.Module``, z ``(N, latent_dim)`` -> images ``(N, C, H, W)`` or ``(N, C*H*W)``.
         discriminator: ``nn.Module``, images ``(N, C, H, W)`` -> logits ``(N,)`` or ``(N, 1)``.
-            It must return raw logits (drop a final sigmoid).
+            It must return raw logits: one that ends in ``nn.Sigmoid`` (an ``nn.Sequential``) is
+            refused; drop the sigmoid, the weights stay the same.
         latent_dim: size of z.
         image_shape: ``(C, H, W)``.
         arch, arch_kwargs: the registered architecture that rebuilds these modules (needed to
@@ -195,6 +313,11 @@ class GAN(nn.Module):
         super().__init__()
         if len(tuple(image_shape)) != 3:
             raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if _ends_in_sigmoid(discriminator):
+            raise ConfigError(
+                "the discriminator ends in nn.Sigmoid, but agu needs raw logits (its losses apply the sigmoid "
+                "themselves; with probabilities the GAN barely learns). Drop the last layer, e.g. "
+                "nn.Sequential(*list(d)[:-1]): the weights stay the same")
         self.generator = generator
         self.discriminator = discriminator
         self.latent_dim = int(latent_dim)
@@ -225,9 +348,11 @@ class GAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, seed: int | None = 0, batch_size: int = 1024) -> torch.Tensor:
-        """``n`` images ``(n, C, H, W)`` on the GAN's device, generated in batches without grad."""
+        """``n`` images ``(n, C, H, W)`` on the GAN's device, generated in batches without grad, in
+        eval mode (the same image for a latent whatever the batch)."""
         z = self.sample_latents(n, seed)
-        return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
+        with evaluating(self):
+            return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
 
     def clone(self) -> GAN:
         """An independent deep copy (same device)."""

@@ -29,10 +29,10 @@ from .adapt import MIN_NEGATIVES, AdaptConfig, adapt
 from .checkpoint import atomic_dir, check_replaceable, load_gan, save_gan, write_json_atomic
 from .directions import extrapolate, mean_gan
 from .distributed import barrier, is_main_process
-from .errors import ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .feedback import Feedback, collect
 from .metrics import evaluate, make_context
-from .models import GAN
+from .models import GAN, IMPORTED, import_architectures
 from .plotting import save_grid
 from .training import MAX_SEED, check_int, check_positive
 from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
@@ -75,10 +75,11 @@ class RunConfig:
             raise ConfigError(f"extrapolate_gamma must be > 1 (and finite) to move away from the adapted GAN, got {self.extrapolate_gamma!r}")
         if not isinstance(self.adapt, AdaptConfig) or not isinstance(self.unlearn, UnlearnConfig):
             raise ConfigError("RunConfig.adapt must be an AdaptConfig and RunConfig.unlearn an UnlearnConfig")
-        self.unlearn.method = self.method if self.method in REPULSION_METHODS + FINETUNE_METHODS else self.unlearn.method
         self.adapt.validate()
-        check_positive("unlearn: negative_weight", self.unlearn.negative_weight, allow_zero=True)  # uses_adapted reads it
-        self.unlearn.validate(self.adapt.n_models if uses_adapted(self.method, self) else 0)
+        if self.method in REPULSION_METHODS + FINETUNE_METHODS:  # (extrapolation and retraining have no stage 2 to set)
+            self.unlearn.method = self.method
+            check_positive("unlearn: negative_weight", self.unlearn.negative_weight, allow_zero=True)  # uses_adapted reads it
+            self.unlearn.validate(self.adapt.n_models if uses_adapted(self.method, self) else 0)
 
 
 def needed_negatives(cfg: RunConfig, methods) -> int:
@@ -96,6 +97,11 @@ def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, d
     cfg = PretrainConfig(arch=like.arch, latent_dim=like.latent_dim, iterations=iters, seed=seed)
     gan, _ = pretrain(ImageSet(real, None, "real-without-class"), cfg, classifier=None, device=device, progress=progress, like=like)
     return gan
+
+
+def stage1_metrics(ctx) -> list[str]:
+    """What an adapted GAN is scored on: its share of negatives, and its FID when there is a classifier."""
+    return ["negative_share", "fid"] if ctx.classifier is not None else ["negative_share"]
 
 
 def apply_method(method: str, gan: GAN, feedback: Feedback, adapted, cfg: RunConfig, real_without, device, progress,
@@ -148,7 +154,7 @@ def run(
     if cfg.method == "retrain" and real_without is None:
         raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
     out = Path(out)
-    check_replaceable(out)  # refuse a foreign folder now, not after the training
+    check_replaceable(out, "run")  # refuse a foreign folder now, not after the training
     if (out / "metrics.json").is_file() and is_main_process():
         print(f"agu: {out} holds an earlier run; this run replaces it when it finishes (until then it stays as it is)",
               file=sys.stderr, flush=True)
@@ -194,7 +200,7 @@ def run(
         "unlearned": evaluate(result, ctx),
     }
     if adapted:
-        metrics["adapted"] = evaluate(adapted[0], ctx, ["negative_share", "fid"])
+        metrics["adapted"] = evaluate(adapted[0], ctx, stage1_metrics(ctx))
     times["evaluate"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     metrics["seconds"] = {k: round(v, 2) for k, v in times.items()}
@@ -203,7 +209,7 @@ def run(
     if not is_main_process():  # under torchrun, rank 0 writes
         return metrics
     config_record = {**asdict(cfg), "forget": list(forget), **(extra_config or {})}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "run") as tmp:
         write_json_atomic(tmp / "config.json", config_record)
         write_json_atomic(tmp / "feedback.json", {
             "n_samples": cfg.n_samples, "negatives": len(fb.negatives), "positives": len(fb.positives),
@@ -248,7 +254,7 @@ def open_state_dir(out: Path, record: dict, resume: bool) -> Path:
     marker = state / "run-state.json"
     record = json.loads(json.dumps(record))  # as it reads back from JSON (tuples -> lists)
     if state.exists():
-        check_replaceable(state)
+        check_replaceable(state, "run")
         if resume and marker.is_file():
             try:
                 saved = json.loads(marker.read_text()).get("run", {})
@@ -276,8 +282,12 @@ def adapt_or_reload(gan: GAN, negatives, cfg: AdaptConfig, state: Path, device, 
     """Stage 1, or its result saved in ``state`` by an interrupted run (saved there when done)."""
     done = state / "adapted.json"
     if done.is_file():
-        record = json.loads(done.read_text())
-        return [load_gan(state / f"adapted-{k}", device=device).eval() for k in range(record["n_models"])], record["logs"]
+        try:
+            record = json.loads(done.read_text())
+            return [load_gan(state / f"adapted-{k}", device=device) for k in range(record["n_models"])], record["logs"]
+        except (CheckpointError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the interrupted run's stage 1 in {state} is damaged ({str(e).split('; ')[0]}): "
+                                  "run without --resume to start over") from None
     res = adapt(gan, negatives, cfg, device=device, progress=progress)
     if is_main_process():  # under torchrun, rank 0 writes
         for k, model in enumerate(res.models):
@@ -357,8 +367,16 @@ def table(
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     if "retrain" in methods and real is None:
-        raise DataError("the retrain row needs real data; pass --no-retrain (methods without retrain) or give the data set")
+        raise DataError("the retrain row needs real data (digits or MNIST, --real): leave retrain out of --methods, "
+                        "or give the data set")
+    if classifier is None:
+        raise ConfigError("a table needs a classifier (--classifier): it labels the feedback, the retained classes "
+                          "and the FID features")
+    if not forget_classes or not seeds:
+        raise ConfigError(f"a table needs at least one class to forget (--forget) and one seed (--seeds), "
+                          f"got classes {list(forget_classes)} and seeds {list(seeds)}")
     check_int("table: jobs", jobs)
+    check_replaceable(out, "table")  # refuse a user's folder (or a GAN) now, not after hours of training
     device = torch.device(device)
     if jobs > 1 and len(forget_classes) > 1:
         if device.type != "cpu":
@@ -389,18 +407,18 @@ def table(
             original = evaluate(gan, ctx)
             for method in methods:
                 t = time.perf_counter()
-                if method == "retrain":
-                    result, seconds = retrained, t_retrain
-                else:
-                    try:
+                try:
+                    if method == "retrain":
+                        result, seconds = retrained, t_retrain
+                    else:
                         result, _ = apply_method(method, gan, fb, adapted, cfg, real_without, device, progress)
-                    except TrainingError as e:  # a diverged method is a result (a row says so), not the end of the table
-                        records.append({"class": cls, "seed": seed, "method": method, "seconds": time.perf_counter() - t,
-                                        "diverged": str(e)})
-                        print(f"class {cls} seed {seed} {method:<11} diverged: {e}", file=sys.stderr, flush=True)
-                        continue
-                    seconds = time.perf_counter() - t + (t_adapt if uses_adapted(method, cfg) else 0.0)
-                m = evaluate(result, ctx)
+                        seconds = time.perf_counter() - t + (t_adapt if uses_adapted(method, cfg) else 0.0)
+                    m = evaluate(result, ctx)  # (non-finite images raise too)
+                except TrainingError as e:  # a diverged method is a result (a row says so), not the end of the table
+                    records.append({"class": cls, "seed": seed, "method": method, "seconds": time.perf_counter() - t,
+                                    "diverged": str(e)})
+                    print(f"class {cls} seed {seed} {method:<11} diverged: {e}", file=sys.stderr, flush=True)
+                    continue
                 m["fid_positives_ratio"] = m["fid_positives"] / original["fid_positives"]
                 records.append({"class": cls, "seed": seed, "method": method, "seconds": seconds, **m})
                 if progress:
@@ -412,7 +430,7 @@ def table(
                             "fid_positives_ratio": 1.0, **floor})
             if adapted:  # stage 1's own quality: the share of negatives it generates (target >= 0.9)
                 records.append({"class": cls, "seed": seed, "method": "adapted", "seconds": t_adapt,
-                                **evaluate(adapted[0], ctx, ["negative_share", "fid"])})
+                                **evaluate(adapted[0], ctx, stage1_metrics(ctx))})
     result = {"feature_network": ctx.feature_network, "classes": list(forget_classes), "seeds": list(seeds),
               "methods": list(methods), "config": {**asdict(base), **(extra_config or {})}, "records": records}
     write_table(result, out)
@@ -438,7 +456,8 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
         shared = {"gan": gan.cpu(), "classifier": classifier, "seeds": seeds, "config": config, "methods": methods,
                   "real": real, "device": "cpu", "progress": False, "extra_config": extra_config}
         work = [{**shared, "forget_classes": [cls], "out": Path(tmp) / str(cls)} for cls in forget_classes]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=import_architectures,
+                                 initargs=(list(IMPORTED),)) as pool:  # (a user architecture: its file first)
             parts = []
             for cls, part in zip(forget_classes, pool.map(_table_part, [threads] * len(work), work)):
                 parts.append(part)
@@ -491,9 +510,9 @@ def aggregate(result: dict) -> dict:
 
 
 def write_table(result: dict, out) -> Path:
-    """table.md (two Markdown tables), table.csv (one row per class/seed/method), table.json."""
+    """table.md (two Markdown tables), table.csv (one row per class/seed/method), table.json, written
+    together: ``out`` is replaced when all three are complete (and refused if agu did not write it)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(result)
 
     def cell(stats, key, fmt):
@@ -525,12 +544,13 @@ def write_table(result: dict, out) -> Path:
             md2.append(f"| {FLOOR_NAME} | " + " | ".join(
                 cells(agg[method][c], (("fid_positives_floor_ratio", ".2f"), ("retained_tv_floor", ".3f"))) + " / –"
                 for c in classes) + " |\n")
-    (out / "table.md").write_text("".join(md + md2))
     keys = sorted({k for r in result["records"] for k in r if k not in ("class", "seed", "method")})
     lines = [",".join(["class", "seed", "method", *keys])]
     for r in result["records"]:  # "diverged" holds the message in table.json; 1 here
         lines.append(",".join([str(r["class"]), str(r["seed"]), r["method"],
                                *("1" if k == "diverged" and k in r else f"{r[k]:.6g}" if k in r else "" for k in keys)]))
-    (out / "table.csv").write_text("\n".join(lines) + "\n")
-    write_json_atomic(out / "table.json", result)
+    with atomic_dir(out, "table") as tmp:
+        (tmp / "table.md").write_text("".join(md + md2))
+        (tmp / "table.csv").write_text("\n".join(lines) + "\n")
+        write_json_atomic(tmp / "table.json", result)
     return out

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import ImageSet
 from .errors import ConfigError, TrainingError
 from .losses import d_logistic_loss, d_r1_penalty, g_nonsaturating_loss
-from .models import GAN, build_gan
+from .models import ARCHITECTURES, GAN, build_gan, evaluating
 
 
 @dataclass
@@ -116,15 +116,20 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # batches and noise are drawn on the CPU
     if like is not None:
+        if like.arch not in ARCHITECTURES:
+            raise ConfigError(f"training from scratch builds a fresh GAN of the same architecture, but this GAN's ({like.arch!r}) "
+                              "is not registered: register its builder with agu_lib.register_architecture and give the GAN "
+                              "arch= and arch_kwargs=")
         gan = build_gan(like.arch, like.latent_dim, like.image_shape, **like.arch_kwargs).to(device)
     else:
         gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
+    latent_dim = gan.latent_dim
     G, D = gan.generator, gan.discriminator
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     real_all = dataset.images.to(device)
-    z_eval = torch.randn(cfg.eval_samples, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
+    z_eval = torch.randn(cfg.eval_samples, latent_dim, generator=torch.Generator().manual_seed(cfg.eval_seed)).to(device)
 
     history: list[dict] = []
     best = {"score": None, "iteration": 0, "G": None, "D": None, "coverage": None}
@@ -135,7 +140,7 @@ def pretrain(
         # ---- D step: L_D = softplus(-D(x)) + softplus(D(G(z)))  [+ lazy R1 on reals]
         idx = torch.randint(len(real_all), (cfg.batch_size,), generator=gen).to(device)
         real = real_all[idx]
-        z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen).to(device)
+        z = torch.randn(cfg.batch_size, latent_dim, generator=gen).to(device)
         with torch.no_grad():
             fake = G(z).reshape(real.shape)
         d_loss = d_logistic_loss(D(real).reshape(-1), D(fake).reshape(-1))
@@ -150,16 +155,19 @@ def pretrain(
             opt_d.step()
 
         # ---- G step: L_G = softplus(-D(G(z)))  (non-saturating)
-        z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen).to(device)
+        z = torch.randn(cfg.batch_size, latent_dim, generator=gen).to(device)
         g_loss = g_nonsaturating_loss(D(G(z).reshape(real.shape)).reshape(-1))
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
 
-        # ---- EMA of G's weights: theta_ema <- beta * theta_ema + (1 - beta) * theta
+        # ---- EMA of G's weights: theta_ema <- beta * theta_ema + (1 - beta) * theta (buffers, e.g. batch
+        # norm's running statistics, are copied)
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, 1.0 - cfg.ema_beta)
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
 
         # ---- evaluate coverage on the fixed latents; keep the best snapshot; stop early
         if it % cfg.eval_every == 0 or it == cfg.iterations:
@@ -168,7 +176,7 @@ def pretrain(
                 raise TrainingError(f"pretraining diverged at iteration {it} (d_loss {d_val}, g_loss {g_val}); lower the learning rates")
             entry = {"iteration": it, "d_loss": round(d_val, 4), "g_loss": round(g_val, 4)}
             if classifier is not None:
-                with torch.no_grad():
+                with torch.no_grad(), evaluating(G_ema):
                     x_eval = torch.cat([G_ema(zb).reshape(-1, *dataset.image_shape) for zb in z_eval.split(1024)])
                 entry.update(coverage(classifier, x_eval))
                 score = coverage_score(entry, cfg.share_range, cfg.min_confidence)

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_training_state, save_training_state
+from .data import check_images
 from .distributed import broadcast_, is_main_process
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .feedback import Feedback
@@ -116,7 +118,7 @@ from .losses import (
     preserve_loss,
     repulsion_slopes,
 )
-from .models import GAN, generator_params
+from .models import GAN, check_gan, finetuning_mode, generator_params
 from .training import (
     MAX_SEED,
     FlatParams,
@@ -197,7 +199,9 @@ class UnlearnConfig:
             raise ConfigError(f"unknown negative_source {self.negative_source!r}; valid: {', '.join(NEGATIVE_SOURCES)} "
                               "(what D learns to call fake: samples of the adapted GANs, the flagged negatives, or both)")
         if self.method in REPULSION_METHODS:
-            if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma < float("inf")):
+            if not (isinstance(self.gamma, (int, float)) and not isinstance(self.gamma, bool) and math.isfinite(self.gamma)):
+                raise ConfigError(f"gamma must be a finite number > 0, got {self.gamma!r}")
+            if self.gamma <= 0:
                 raise ConfigError(
                     f"gamma must be > 0, got {self.gamma}: the repulsion term is maximal at the adapted parameters, "
                     "so a negative gamma turns repulsion into attraction towards the negative-only GAN (the paper's "
@@ -242,6 +246,19 @@ def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> tor
         return per_tensor_weights(params)
     fisher = fisher_diagonal(gan.generator, gan.discriminator, gan.sample_latents(fisher_samples, seed=seed + 7919))
     return fisher / fisher.mean().clamp_min(1e-30)
+
+
+def check_same_architecture(gan: GAN, adapted: list[GAN]) -> None:
+    """Every adapted GAN must have the original's generator: the same parameter names and shapes."""
+    shapes = [(n, tuple(p.shape)) for n, p in gan.generator.named_parameters()]
+    for k, a in enumerate(adapted):
+        if not isinstance(a, GAN):
+            raise ConfigError(f"adapted[{k}] is a {type(a).__name__}, not a GAN (give the GANs that adapt() returned)")
+        theirs = [(n, tuple(p.shape)) for n, p in a.generator.named_parameters()]
+        if theirs != shapes:
+            diff = next(((x, y) for x, y in zip(shapes, theirs) if x != y), (len(shapes), len(theirs)))
+            raise ConfigError(f"adapted GAN {k} does not have the original's generator (first difference: {diff[0]} vs "
+                              f"{diff[1]}): stage 2 needs GANs adapted from this one (agu adapt on the same GAN)")
 
 
 def check_data_terms(cfg: UnlearnConfig, positives, adapted, positive_latents, negative_latents, latent_dim: int,
@@ -429,8 +446,12 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
     returns the step to continue from (0: none)."""
     if not (Path(state_dir) / "card.json").is_file():
         return 0
-    tensors, card = load_training_state(
-        state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d})
+    try:
+        tensors, card = load_training_state(
+            state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d})
+    except CheckpointError as e:
+        raise CheckpointError(f"the stage-2 checkpoint in {state_dir} is damaged ({str(e).split('; ')[0]}): run without "
+                              "--resume to start over") from None
     ignore = ("checkpoint_every",)
     saved, now = card.get("config") or {}, json.loads(json.dumps(asdict(cfg)))
     default = json.loads(json.dumps(asdict(UnlearnConfig())))  # a setting added since the checkpoint had its default
@@ -479,11 +500,15 @@ def unlearn(
         negative_latents = positives.negative_latents if negative_latents is None else negative_latents
         negatives = positives.negatives if negatives is None else negatives
         positives = positives.positives
-    adapted = list(adapted or [])
+    if not isinstance(cfg, UnlearnConfig):
+        raise ConfigError(f"config must be an UnlearnConfig, got {type(cfg).__name__} (e.g. UnlearnConfig(**your_dict))")
+    adapted = [adapted] if isinstance(adapted, GAN) else list(adapted or [])
     cfg.validate(len(adapted))
+    check_same_architecture(gan, adapted)
     device = torch.device(device) if device is not None else gan.device
-    if positives.ndim != 4 or tuple(positives.shape[1:]) != gan.image_shape:
-        raise DataError(f"positives must be (n, {', '.join(map(str, gan.image_shape))}), got {tuple(positives.shape)}")
+    check_images(positives, gan.image_shape, "positives")
+    if negatives is not None:
+        check_images(negatives, gan.image_shape, "negatives")
     if len(positives) < cfg.batch_size // 4:
         raise DataError(f"unlearn needs a pool of positives, got only {len(positives)}; draw more samples")
     check_data_terms(cfg, positives, adapted, positive_latents, negative_latents, gan.latent_dim, negatives)
@@ -491,7 +516,8 @@ def unlearn(
     # --- setup: fixed things computed once, held on the device --------------------------
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = gan.clone().to(device).train()
+    check_gan(gan)
+    model = gan.clone().to(device).eval()  # eval mode for the Fisher (per-sample gradients); trained below
     theta_g = flatten_params(generator_params(model)).detach()  # (P,)
     repulsive = cfg.method in REPULSION_METHODS
     if repulsive:
@@ -516,9 +542,8 @@ def unlearn(
     neg_pool = negative_fakes(cfg, adapted, negatives, device) if cfg.negative_weight > 0 else None
     detector = None
     if cfg.detector_weight > 0:  # h: negatives = the flagged ones (G_orig(z_neg)) and samples of the adapted GANs
-        with torch.no_grad():  # (model is still theta_G here; eval mode: no batch-norm statistics change)
-            known = [model.eval().generate(negative_latents.to(device))] if negative_latents is not None else []
-            model.train()
+        with torch.no_grad():  # (model is still theta_G here, in eval mode)
+            known = [model.generate(negative_latents.to(device))] if negative_latents is not None else []
         if adapted:
             reuse = neg_pool is not None and cfg.negative_source == "adapted"
             known.append(neg_pool if reuse else adapted_samples(adapted, cfg.negative_pool, cfg.seed, device))
@@ -530,6 +555,7 @@ def unlearn(
     start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device, ema) if state_dir is not None else 0
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"unlearn {cfg.method}",
                disable=not progress, leave=False)
+    finetuning_mode(model)  # train mode; G's batch norm (if any) keeps its statistics, as the targets of beta_P were made
     nets = TrainNets(model, device, cfg.compile)  # what the steps call: DDP / compiled when asked
     flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
 

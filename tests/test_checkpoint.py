@@ -106,7 +106,7 @@ def test_no_card(saved):
 
 def test_wrong_format_or_version(saved):
     edit_card(saved, format="agu-classifier")
-    with pytest.raises(CheckpointError, match="not 'agu-gan'"):
+    with pytest.raises(CheckpointError, match="holds a classifier .give it to --classifier., not a GAN"):
         load_gan(saved)
     edit_card(saved, format="agu-gan", version=99)
     with pytest.raises(CheckpointError, match="version 99"):

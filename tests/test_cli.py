@@ -46,7 +46,7 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
 
 def test_bad_values_are_config_errors(tmp_path, capsys):
     assert cli.main(["sample", "digits", "--n", "0", "--out", str(tmp_path / "g.png")]) == 2
-    assert "--n must be at least 1" in capsys.readouterr().err
+    assert "--n must be between 1 and 10,000" in capsys.readouterr().err
     assert cli.main(["train-classifier", "--dataset", "digits", "--out", str(tmp_path / "c"), "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
     assert cli.main(["pretrain", "--dataset", "digits", "--out", str(tmp_path / "g"), "--iterations", "0"]) == 2

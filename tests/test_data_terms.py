@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from agu_lib import cli
 from agu_lib.adapt import AdaptConfig, adapt
 from agu_lib.checkpoint import load_training_state, save_training_state
-from agu_lib.errors import ConfigError
+from agu_lib.errors import ConfigError, DataError
 from agu_lib.losses import REPULSIONS, d_negative_loss, detector_loss, flatten_params, preserve_loss, repulsion_slopes
 from agu_lib.models import generator_params
 from agu_lib.pipeline import RunConfig, uses_adapted
@@ -166,7 +166,7 @@ def test_negative_source_needs_its_data(tiny_gan, feedback, adapted):
     with pytest.raises(ConfigError, match="--negative-source flagged"):  # no adapted GANs for the default source
         unlearn(tiny_gan, feedback, [], replace(cfg, method="finetune"), progress=False)
     bad = feedback.negatives[:, :, :4]  # wrong image shape
-    with pytest.raises(ConfigError, match="got shape"):
+    with pytest.raises(DataError, match=r"negatives must be a tensor \(n, 1, 16, 16\), got \(32, 1, 4, 16\)"):
         unlearn(tiny_gan, feedback.positives, adapted, replace(cfg, negative_source="flagged"), progress=False, negatives=bad)
     args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
                                           "--negative-source", "both"])

@@ -23,12 +23,13 @@ from agu_lib import cli
 from agu_lib.adapt import AdaptConfig
 from agu_lib.checkpoint import load_gan, load_training_state, save_gan
 from agu_lib.classifier import Classifier, save_classifier
-from agu_lib.errors import CheckpointError, TrainingError
-from agu_lib.feedback import PredicateOracle
+from agu_lib.data import load_folder
+from agu_lib.errors import CheckpointError, ConfigError, DataError, TrainingError
+from agu_lib.feedback import PredicateOracle, collect
 from agu_lib.models import build_gan
 from agu_lib.pipeline import RunConfig, run
 from agu_lib.training import LossLog
-from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig
+from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig, unlearn
 
 TINY = ["--device", "cpu", "--quiet", "--real", "none", "--n-samples", "200", "--n-eval", "20", "--adapt-iters", "2",
         "--iters", "4"]
@@ -108,9 +109,11 @@ def test_images_of_another_size_need_convert(gan_dir, tmp_path, capsys):
 def test_corrupt_images_are_skipped_with_a_warning(gan_dir, tmp_path, capsys):
     folder = write_pngs(tmp_path / "neg", 8)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    assert code == 0  # the library's warning, on the command line as one line (no source location)
+    assert "agu: note: " in err and "skipped 1 unreadable image file(s): broken.png" in err and "warnings.warn" not in err
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): broken.png"):
-        code, _ = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
-    assert code == 0
+        load_folder(folder, (1, 16, 16))
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["--gamma", "0"], "gamma must be > 0"),
     (["--gamma", "-0.1"], "a negative gamma turns repulsion into attraction"),
-    (["--gamma", "nan"], "gamma must be > 0"),
+    (["--gamma", "nan"], "--gamma: gamma must be a finite number > 0, got nan"),
     (["--method", "extrapolate", "--gamma", "0.5"], "extrapolate_gamma must be > 1"),
     (["--lam", "-1"], "ewc_lambda must be a number >= 0"),
     (["--lam", "inf"], "ewc_lambda must be a number >= 0 (and finite)"),
@@ -337,3 +340,164 @@ def test_every_command_refuses_a_seed_torch_would_alias(gan_dir, tmp_path, capsy
         assert not out.exists()
     if seed != "seven":
         assert "at least 0 and at most 2147483647" in err
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs never replace an input or a user's folder; refused before any work
+
+
+def tree_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_an_output_that_is_or_holds_an_input_is_refused(gan_copy, tmp_path, capsys):
+    before = tree_digest(gan_copy)
+    negatives = write_pngs(tmp_path / "neg", 10)
+    cases = [
+        ["run", gan_copy, "--bold", "50", "--out", gan_copy, *TINY],
+        ["run", gan_copy, "--bold", "50", "--out", gan_copy / "inside", *TINY],
+        ["run", gan_copy, "--bold", "50", "--out", gan_copy.parent, *TINY],  # the folder that holds the GAN
+        ["adapt", gan_copy, "--negatives", negatives, "--out", gan_copy, *TINY],
+        ["unlearn", gan_copy, "--bold", "50", "--adapted", gan_copy, "--out", gan_copy, *TINY],
+        ["run", "digits", "--bold", "50", "--out", Path(cli.__file__).parents[1] / "data" / "gans" / "digits", *TINY],
+    ]
+    for argv in cases:
+        code, err = agu(capsys, *argv)
+        assert code == 2 and "--out" in err and "Choose another output path" in err, (argv, err)
+    assert tree_digest(gan_copy) == before
+
+
+def test_a_table_refuses_a_users_folder_and_a_gan_before_computing(gan_copy, clf_dirs, tmp_path, capsys):
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    argv = ["table", gan_copy, "--classifier", clf_dirs[16], "--forget", "1", "--seeds", "1", "--methods", "finetune", *TINY]
+    code, err = agu(capsys, *argv, "--out", users)
+    assert code == 2 and "agu did not write" in err and (users / "notes.txt").read_text() == "keep me"
+    other_gan = save_gan(load_gan(gan_copy), tmp_path / "other-gan")
+    code, err = agu(capsys, *argv, "--out", other_gan)
+    assert code == 2 and "holds an agu GAN; agu will not replace it with a table" in err
+    assert load_gan(other_gan).latent_dim == 8
+    code, err = agu(capsys, "table", "digits", "--classifier", "digits", "--forget", "1", "--seeds", "1", "--methods",
+                    "finetune", *TINY, "--n-samples", "400", "--out", tmp_path / "t")  # a table folder: written whole
+    assert code == 0 and {p.name for p in (tmp_path / "t").iterdir()} == {"table.md", "table.csv", "table.json"}
+    code, err = agu(capsys, "merge-tables", tmp_path / "t", "--out", other_gan)
+    assert code == 2 and "will not replace it with a table" in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "table.json").write_text("[1, 2]")
+    code, err = agu(capsys, "merge-tables", tmp_path / "t", tmp_path / "bad", "--out", tmp_path / "m")
+    assert code == 2 and "is not an agu table" in err and not (tmp_path / "m").exists()
+    for bad in (["--seeds", "0"], ["--bold", "50"]):
+        code, err = agu(capsys, "table", gan_copy, "--classifier", clf_dirs[16], "--forget", "1", *TINY, *bad,
+                        "--out", tmp_path / "t2")
+        assert code == 2 and not (tmp_path / "t2").exists(), err
+
+
+def test_adapt_checks_every_output_folder_before_training(gan_copy, tmp_path, capsys):
+    negatives = write_pngs(tmp_path / "neg", 10)
+    (tmp_path / "ad-1").mkdir()
+    (tmp_path / "ad-1" / "mine.txt").write_text("x")
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--k", "2", "--out", tmp_path / "ad", *TINY)
+    assert code == 2 and "ad-1 is a non-empty directory that agu did not write" in err
+    assert not (tmp_path / "ad").exists()  # nothing half-written
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--forget", "3", "--out", tmp_path / "ad", *TINY)
+    assert code == 2 and "--negatives gives the negatives itself" in err
+
+
+def test_forget_lists_that_make_no_sense_are_refused(gan_copy, clf_dirs, tmp_path, capsys):
+    base = ["run", gan_copy, "--classifier", clf_dirs[16], "--out", tmp_path / "r", *TINY]
+    code, err = agu(capsys, *base, "--forget", "1", "1")
+    assert code == 2 and "more than once" in err
+    code, err = agu(capsys, *base, "--forget", *map(str, range(10)))
+    assert code == 2 and "nothing would be left" in err
+    code, err = agu(capsys, *base, "--forget", "1", "--bold", "50")
+    assert code == 2 and "give one or the other" in err
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(gan_copy), "--bold", "150", "--out", str(tmp_path / "r")])
+    assert "between 0 and 100" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()
+
+
+def test_file_system_errors_are_one_line(gan_copy, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = agu(capsys, "run", gan_copy, "--bold", "50", "--out", tmp_path / "afile" / "run", *TINY)
+    assert code == 2 and "Not a directory" in err and "writable" in err
+    for out in (tmp_path, tmp_path / "grid.xyz"):
+        code, err = agu(capsys, "sample", gan_copy, "--out", out)
+        assert code == 2 and ".png, .jpg or .jpeg" in err
+    code, err = agu(capsys, "sample", gan_copy, "--n", "100000000", "--out", tmp_path / "g.png")
+    assert code == 2 and "--n must be between 1 and 10,000" in err
+
+
+def test_a_failed_run_leaves_no_empty_state_folder(gan_copy, clf_dirs, tmp_path, capsys):
+    code, err = agu(capsys, "run", gan_copy, "--bold", "50", "--n-samples", "10", "--out", tmp_path / "r",
+                    *[a for a in TINY if a not in ("--n-samples", "200")])
+    assert code == 2 and "negatives" in err
+    assert not (tmp_path / "r.partial").exists() and not (tmp_path / "r").exists()
+
+
+def test_checkpoints_of_the_wrong_kind_or_with_nan_weights(gan_copy, clf_dirs, capsys):
+    code, err = agu(capsys, "info", clf_dirs[16])
+    assert code == 2 and "holds a classifier (give it to --classifier), not a GAN" in err
+    gan = load_gan(gan_copy)
+    with torch.no_grad():
+        gan.generator.fc.bias[0] = float("nan")
+    bad = save_gan(gan, gan_copy.parent / "nan-gan")  # hashes match: the weights themselves are bad
+    code, err = agu(capsys, "sample", bad, "--out", gan_copy.parent / "s.png")
+    assert code == 2 and "NaN or inf weights" in err and "generator" not in err.split("(")[0]
+    card = json.loads((gan_copy / "card.json").read_text())
+    (gan_copy / "card.json").write_text(json.dumps({**card, "version": "1"}))
+    code, err = agu(capsys, "info", gan_copy)
+    assert code == 2 and "card version '1'" in err
+
+
+def test_stage2_alone_refuses_methods_without_a_stage2_and_run_accepts_retrain():
+    from agu_lib.pipeline import RunConfig
+
+    RunConfig(method="retrain").validate()  # (it used to ask for adapted GANs)
+    RunConfig(method="extrapolate").validate()
+
+
+def test_unlearn_names_a_mismatched_adapted_gan_and_accepts_one_gan(tiny_gan_and_feedback):
+    gan, fb = tiny_gan_and_feedback
+    other = build_gan("dcgan", 8, (1, 16, 16), channels=16)
+    with pytest.raises(ConfigError, match="adapted GAN 0 does not have the original's generator"):
+        unlearn(gan, fb, [other], UnlearnConfig(iters=1, batch_size=8), progress=False)
+    moved = gan.clone()
+    with torch.no_grad():
+        moved.generator.fc.bias.add_(0.1)
+    res = unlearn(gan, fb, moved, UnlearnConfig(iters=1, batch_size=8, negative_weight=0.0), progress=False)
+    assert res.gan.latent_dim == 8
+    with pytest.raises(DataError, match=r"in \[-1, 1\].*127.5"):
+        unlearn(gan, fb.positives * 255, None, UnlearnConfig(method="finetune", iters=1, batch_size=8, negative_weight=0.0,
+                                                             negative_latent_weight=0.0, preserve_weight=0.0), progress=False)
+    with pytest.raises(ConfigError, match="n_samples must be a positive integer"):
+        collect(gan, PredicateOracle(bright), 0, seed=0)
+    with pytest.raises(ConfigError, match="one bool per image"):
+        collect(gan, lambda x: x.flatten(1).mean(1), 20, seed=0)
+
+
+@pytest.fixture
+def tiny_gan_and_feedback():
+    torch.manual_seed(0)
+    gan = build_gan("dcgan", 8, (1, 16, 16), channels=8)
+    return gan, collect(gan, PredicateOracle(bright), 64, seed=0, min_negatives=8)
+
+
+def test_import_gan_channels_and_folders(tmp_path, capsys):
+    g = tmp_path / "G.ckpt"
+    torch.save({"0.weight": torch.zeros(1, 16)}, g)
+    code, err = agu(capsys, "import-gan", "--arch", "mlp", "--generator", g, "--discriminator", g, "--latent-dim", "2",
+                    "--image-shape", "16,1,1", "--out", tmp_path / "gan")
+    assert code == 2 and "channels first" in err
+    code, err = agu(capsys, "import-gan", "--arch", "mlp", "--generator", tmp_path, "--discriminator", g, "--latent-dim", "2",
+                    "--image-shape", "1,4,4", "--out", tmp_path / "gan")
+    assert code == 2 and "is a directory" in err
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "i16"
+    folder.mkdir()
+    Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(folder / "half.png")  # 0.502 of 65535
+    x = load_folder(folder, (1, 16, 16)).images
+    assert abs(float(x.mean())) < 0.01  # mid-grey, not white (1.0)

@@ -1,0 +1,228 @@
+"""A researcher's own GAN: any nn.Module pair, with batch norm, with a sigmoid at the end of D,
+with a latent size and image shape of its own, registered and used from the command line through
+``--import``."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import agu_lib
+from agu_lib import cli
+from agu_lib.adapt import AdaptConfig, adapt
+from agu_lib.checkpoint import load_gan, save_gan
+from agu_lib.directions import extrapolate, mean_gan
+from agu_lib.errors import ConfigError, TrainingError
+from agu_lib.feedback import PredicateOracle, collect
+from agu_lib.metrics import evaluate, generate_batched, make_context
+from agu_lib.models import check_gan, evaluating, finetuning_mode
+from agu_lib.pretrain import PretrainConfig, pretrain
+from agu_lib.unlearn import UnlearnConfig, unlearn
+
+SHAPE = (1, 12, 12)
+
+
+class BNGenerator(nn.Module):
+    """z (N, 6) -> Linear -> BatchNorm1d -> ReLU -> Linear -> tanh -> (N, 1, 12, 12)."""
+
+    def __init__(self, latent_dim: int = 6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 144), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(-1, *SHAPE)
+
+
+def bn_discriminator(sigmoid: bool = False) -> nn.Sequential:
+    layers = [nn.Flatten(), nn.Linear(144, 32), nn.BatchNorm1d(32), nn.LeakyReLU(0.2), nn.Linear(32, 1)]
+    return nn.Sequential(*layers, *([nn.Sigmoid()] if sigmoid else []))
+
+
+def build_bn(latent_dim, image_shape):
+    return BNGenerator(latent_dim), bn_discriminator()
+
+
+agu_lib.register_architecture("test-bn", build_bn)
+
+
+def bright(x):
+    m = x.flatten(1).mean(1)
+    return m > m.median()
+
+
+@pytest.fixture
+def bn_gan():
+    """A batch-norm GAN whose running statistics are not the initial ones (as after pre-training)."""
+    torch.manual_seed(0)
+    gan = agu_lib.GAN(BNGenerator(), bn_discriminator(), 6, SHAPE, arch="test-bn")
+    with torch.no_grad():  # a few train-mode passes move the running statistics
+        for _ in range(5):
+            gan.generator(torch.randn(64, 6) * 2 + 1)
+            gan.discriminator(torch.randn(64, *SHAPE))
+    return gan.eval()
+
+
+def test_a_discriminator_ending_in_sigmoid_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"ends in nn.Sigmoid.*list\(d\)\[:-1\]"):
+        agu_lib.GAN(BNGenerator(), bn_discriminator(sigmoid=True), 6, SHAPE)
+
+
+def test_a_sigmoid_inside_forward_is_warned_about(bn_gan):
+    class SigmoidD(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = bn_discriminator()
+
+        def forward(self, x):
+            return torch.sigmoid(self.d(x))
+
+    gan = agu_lib.GAN(bn_gan.generator, SigmoidD(), 6, SHAPE)
+    with pytest.warns(UserWarning, match="all lie in \\[0, 1\\].*sigmoid"):
+        check_gan(gan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # raw logits: no warning
+        check_gan(bn_gan)
+
+
+def test_shapes_that_do_not_fit_are_named(bn_gan):
+    wrong_latent = agu_lib.GAN(bn_gan.generator, bn_gan.discriminator, 5, SHAPE)
+    with pytest.raises(ConfigError, match="latent_dim 5"):
+        check_gan(wrong_latent)
+    wrong_shape = agu_lib.GAN(bn_gan.generator, bn_gan.discriminator, 6, (1, 10, 10))
+    with pytest.raises(ConfigError, match="image_shape"):
+        check_gan(wrong_shape)
+    three = agu_lib.GAN(bn_gan.generator, nn.Sequential(nn.Flatten(), nn.Linear(144, 3)), 6, SHAPE)
+    with pytest.raises(ConfigError, match="one\\s+raw logit per image"):
+        adapt(three, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1), progress=False)
+
+
+def test_sampling_is_per_latent_and_leaves_the_statistics_alone(bn_gan):
+    bn_gan.train()  # even when the user left it in train mode
+    stats = [b.clone() for b in bn_gan.buffers()]
+    small, large = bn_gan.sample(8, seed=3), bn_gan.sample(64, seed=3)[:8]
+    assert torch.equal(small, large)  # eval mode: an image does not depend on its batch
+    collect(bn_gan, PredicateOracle(bright), 50, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(stats, bn_gan.buffers()))
+    assert bn_gan.training  # the caller's mode is restored
+    with evaluating(bn_gan):
+        assert not bn_gan.generator.net[1].training
+    assert bn_gan.generator.net[1].training
+
+
+def test_finetuning_mode_keeps_g_per_sample_and_d_as_trained(bn_gan):
+    finetuning_mode(bn_gan)
+    z = torch.randn(16, 6)
+    with torch.no_grad():
+        trained = bn_gan.generate(z)
+    assert torch.allclose(trained, bn_gan.eval().generate(z))  # G's batch norm keeps its statistics
+    finetuning_mode(bn_gan)
+    assert bn_gan.discriminator[2].training and not bn_gan.generator.net[1].training
+
+
+def test_adapt_leaves_the_callers_gan_as_it_was(bn_gan):
+    bn_gan.train()
+    before = {k: v.clone() for k, v in bn_gan.state_dict().items()}
+    negatives = bn_gan.sample(40, seed=1)
+    res = adapt(bn_gan, negatives, AdaptConfig(iters=5, n_models=1, n_negatives=8, batch_size=8), progress=False)
+    assert bn_gan.training and all(torch.equal(v, bn_gan.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(res.models[0].generator.net[0].weight, bn_gan.generator.net[0].weight)
+
+
+def test_every_stage2_method_and_the_fisher_distance_run_with_batch_norm(bn_gan):
+    """torch.func's per-sample gradients (the Fisher) fail on batch norm in train mode: they are
+    taken in eval mode; the preserved positives start exactly at their targets."""
+    fb = collect(bn_gan, PredicateOracle(bright), 80, seed=0)
+    adapted = adapt(bn_gan, fb.negatives, AdaptConfig(iters=5, n_models=1, n_negatives=8, batch_size=8), progress=False).models
+    for kwargs in ({"method": "ewc"}, {"method": "el2", "distance": "fisher"}, {"method": "finetune"}):
+        res = unlearn(bn_gan, fb, adapted, UnlearnConfig(iters=3, batch_size=16, fisher_samples=4, **kwargs), progress=False)
+        assert torch.isfinite(res.gan.sample(8)).all(), kwargs
+    first = unlearn(bn_gan, fb, adapted, UnlearnConfig(iters=1, batch_size=16, log_every=1, negative_weight=0.0,
+                                                        negative_latent_weight=0.0, g_lr=1e-12, d_lr=1e-12, g_ema=0.0),
+                    progress=False)
+    assert first.log[0]["g_adv"] > 0  # it ran; and beta_P's targets were made the way G trains:
+    x_pos = fb.positives[:16]
+    with torch.no_grad():
+        assert torch.allclose(finetuning_mode(bn_gan.clone()).generate(fb.positive_latents[:16]), x_pos, atol=1e-6)
+
+
+def test_extrapolation_keeps_the_original_statistics(bn_gan):
+    fb = collect(bn_gan, PredicateOracle(bright), 80, seed=0)
+    adapted = adapt(bn_gan, fb.negatives, AdaptConfig(iters=5, n_models=2, n_negatives=8, batch_size=8), progress=False).models
+    far = extrapolate(bn_gan, mean_gan(adapted), 50.0)
+    assert torch.equal(far.generator.net[1].running_var, bn_gan.generator.net[1].running_var)
+    assert not torch.equal(far.generator.net[0].weight, bn_gan.generator.net[0].weight)
+    assert torch.isfinite(far.sample(16)).all()
+
+
+def test_non_finite_images_are_a_training_error_not_a_numpy_crash(bn_gan):
+    broken = bn_gan.clone()
+    with torch.no_grad():
+        broken.generator.net[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN or inf"):
+        generate_batched(broken, torch.randn(4, 6))
+
+
+def test_a_metric_asked_for_by_name_says_what_it_needs(bn_gan):
+    ctx = make_context(bn_gan, PredicateOracle(bright), n_eval=40)
+    assert "fid_positives" not in evaluate(bn_gan, ctx)  # all that the context allows: no classifier, no FID
+    with pytest.raises(ConfigError, match="'fid'.*needs a classifier"):
+        evaluate(bn_gan, ctx, ["pul", "fid"])
+
+
+def test_retraining_from_scratch_copies_statistics_and_uses_the_gans_latent_size(bn_gan):
+    data = agu_lib.ImageSet(bn_gan.sample(64, seed=5), None, "samples")
+    gan, _ = pretrain(data, PretrainConfig(iterations=3, batch_size=16, eval_every=3), progress=False, like=bn_gan)
+    assert gan.latent_dim == 6
+    assert not torch.equal(gan.generator.net[1].running_mean, torch.zeros(32))  # the average has G's statistics
+    ad_hoc = agu_lib.GAN(bn_gan.generator, bn_gan.discriminator, 6, SHAPE)  # no registered architecture
+    with pytest.raises(ConfigError, match="register_architecture"):
+        pretrain(data, PretrainConfig(iterations=1), progress=False, like=ad_hoc)
+
+
+def test_load_gan_returns_eval_mode(bn_gan, tmp_path):
+    gan = load_gan(save_gan(bn_gan.train(), tmp_path / "g"))
+    assert not gan.training and not gan.generator.net[1].training
+
+
+def test_the_cli_loads_a_registered_architecture_through_import(bn_gan, tmp_path, capsys):
+    """A GAN directory of a user architecture: without --import the CLI says how; with it, it runs."""
+    module = tmp_path / "my_gan_module.py"
+    module.write_text(textwrap.dedent("""
+        import agu_lib
+        from torch import nn
+
+        class G(nn.Module):
+            def __init__(self, latent_dim):
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(latent_dim, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 144), nn.Tanh())
+
+            def forward(self, z):
+                return self.net(z).view(-1, 1, 12, 12)
+
+        def build(latent_dim, image_shape):
+            d = nn.Sequential(nn.Flatten(), nn.Linear(144, 32), nn.BatchNorm1d(32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+            return G(latent_dim), d
+
+        agu_lib.register_architecture("my-cli-gan", build)
+    """))
+    torch.manual_seed(0)
+    agu_lib.register_architecture("my-cli-gan", build_bn)  # (the same modules, registered here to save the GAN)
+    mod_gan = agu_lib.GAN(BNGenerator(), bn_discriminator(), 6, SHAPE, arch="my-cli-gan")
+    gan_dir = save_gan(mod_gan, tmp_path / "gan")
+    agu_lib.models.ARCHITECTURES.pop("my-cli-gan")  # a fresh process: only the file registers it
+
+    assert cli.main(["info", str(gan_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not registered" in err and "--import my_gan.py" in err
+    assert cli.main(["info", str(gan_dir), "--import", str(tmp_path / "missing.py")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+    out = tmp_path / "run"
+    code = cli.main(["run", str(gan_dir), "--bold", "50", "--out", str(out), "--import", str(module), "--device", "cpu",
+                     "--quiet", "--n-samples", "200", "--n-eval", "40", "--adapt-iters", "3", "--iters", "3", "--k", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert load_gan(out / "unlearned").arch == "my-cli-gan"
