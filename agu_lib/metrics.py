@@ -54,7 +54,9 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
 
 
 def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
+    """FID between two sets of features; a squared distance, so rounding below 0 (two nearly equal
+    sets) is returned as 0."""
+    return max(0.0, frechet_distance(*feature_stats(a), *feature_stats(b)))
 
 
 def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:

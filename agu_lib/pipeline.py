@@ -99,6 +99,12 @@ def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, d
     return gan
 
 
+def fid_ratio(fid: float, original: float) -> float:
+    """FID to the original's positives relative to the original GAN's own; NaN when the original's is
+    0 (a GAN that almost never makes the class: nothing to compare with)."""
+    return fid / original if original > 1e-9 else float("nan")
+
+
 def stage1_metrics(ctx) -> list[str]:
     """What an adapted GAN is scored on: its share of negatives, and its FID when there is a classifier."""
     return ["negative_share", "fid"] if ctx.classifier is not None else ["negative_share"]
@@ -419,12 +425,12 @@ def table(
                                     "diverged": str(e)})
                     print(f"class {cls} seed {seed} {method:<11} diverged: {e}", file=sys.stderr, flush=True)
                     continue
-                m["fid_positives_ratio"] = m["fid_positives"] / original["fid_positives"]
+                m["fid_positives_ratio"] = fid_ratio(m["fid_positives"], original["fid_positives"])
                 records.append({"class": cls, "seed": seed, "method": method, "seconds": seconds, **m})
                 if progress:
                     print(f"class {cls} seed {seed} {method:<11} PUL {m['pul']:6.1f}  FID {m.get('fid_real', float('nan')):7.2f}"
                           f"  TV {m.get('retained_tv', float('nan')):.3f}  {seconds:5.1f}s", flush=True)
-            floor = {"fid_positives_floor_ratio": original["fid_positives_floor"] / original["fid_positives"]} \
+            floor = {"fid_positives_floor_ratio": fid_ratio(original["fid_positives_floor"], original["fid_positives"])} \
                 if "fid_positives_floor" in original else {}
             records.append({"class": cls, "seed": seed, "method": "original", "seconds": 0.0, **original,
                             "fid_positives_ratio": 1.0, **floor})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from agu_lib.metrics import (
     METRICS,
     class_shares,
     evaluate,
+    feature_stats,
     fid_from_features,
     frechet_distance,
     knn_precision_recall,
@@ -115,3 +118,15 @@ def test_unknown_metric_lists_valid(tiny_gan):
     ctx = make_context(tiny_gan, PredicateOracle(_bright), 20, seed=0)
     with pytest.raises(ConfigError, match="valid: " + ", ".join(METRICS)):
         evaluate(tiny_gan, ctx, ["fud"])
+
+
+def test_fid_is_never_negative_and_a_ratio_to_zero_is_nan():
+    """Two nearly equal feature sets can round FID below 0; the table's ratio to an original FID of 0
+    (a tiny evaluation set, a GAN that hardly makes the class) is NaN, not millions."""
+    from agu_lib.pipeline import fid_ratio
+
+    torch.manual_seed(0)
+    a = torch.randn(60, 128)  # fewer samples than dimensions: a singular covariance
+    assert frechet_distance(*feature_stats(a), *feature_stats(a + 1e-7)) < 0  # the rounding, unclamped
+    assert fid_from_features(a, a + 1e-7) == 0.0
+    assert math.isnan(fid_ratio(3.0, 0.0)) and fid_ratio(3.0, 1.5) == 2.0
