@@ -265,7 +265,9 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
             parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts))
+        raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts)
+                              + " (the card.json beside it was edited, or the files come from different checkpoints); "
+                              "re-create the checkpoint")
     module.load_state_dict(state)
 
 

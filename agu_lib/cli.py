@@ -8,6 +8,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -303,6 +304,21 @@ CONFIG_FLAGS = [
 ]
 
 
+#: flags of one stage only: agu adapt refuses stage 2's, agu unlearn stage 1's (they would be ignored)
+STAGE2_ONLY = [flag for flag, stage, _ in CONFIG_FLAGS if stage == "unlearn"] + ["gamma", "paper_stage2"]
+STAGE1_ONLY = [flag for flag, stage, _ in CONFIG_FLAGS if stage == "adapt"]
+
+
+def _refuse_other_stage(args, flags, command: str, hint: str) -> None:
+    """Refuse flags the command would ignore (e.g. --iters given to agu adapt)."""
+    given = [f for f in flags if getattr(args, f, None) not in (None, False)]
+    if command == "adapt" and args.method != "el2":
+        given.append("method")
+    if given:
+        names = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ConfigError(f"agu {command} does not use {names}: {hint}")
+
+
 def _n_samples(args) -> int:
     """--n-samples, else the default: RunConfig's, or the paper's 5,000 with --paper-stage2."""
     from .pipeline import PAPER_N_SAMPLES, RunConfig
@@ -387,6 +403,8 @@ def cmd_adapt(args) -> None:
     from .errors import DataError
     from .feedback import collect
 
+    _refuse_other_stage(args, STAGE2_ONLY, "adapt", "they are stage-2 settings (agu unlearn, agu run); stage 1's "
+                        "are --adapt-iters, --k, --lam, --adapt-d-lr, --adapt-g-ema")
     device = pick_device(args.device)
     cfg = _run_config(args).adapt
     if args.negatives and (args.forget or args.classifier or args.bold is not None):
@@ -450,6 +468,8 @@ def cmd_unlearn(args) -> None:
     if args.method not in REPULSION_METHODS + FINETUNE_METHODS:
         raise ConfigError(f"agu unlearn runs stage 2 ({', '.join(REPULSION_METHODS + FINETUNE_METHODS)}); method "
                           f"{args.method} has no stage 2 of its own: use agu run --method {args.method}")
+    _refuse_other_stage(args, STAGE1_ONLY, "unlearn", "they are stage-1 settings (agu adapt, agu run); stage 2 uses "
+                        "the adapted GANs given with --adapted")
     device = pick_device(args.device)
     ucfg = _run_config(args).unlearn
     ucfg.method, ucfg.seed = args.method, args.seed
@@ -457,6 +477,13 @@ def cmd_unlearn(args) -> None:
     check_replaceable(args.out, "agu-gan")
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
+    left = [s for a in args.adapted or [] for s in sorted(Path(a).parent.glob(Path(a).name + "-*"))
+            if s.is_dir() and s.name[len(Path(a).name) + 1:].isdigit() and str(s) not in args.adapted
+            and not any(Path(x).resolve() == s.resolve() for x in args.adapted)]
+    if left:
+        print(f"agu: note: stage 2 repels from the {len(adapted)} adapted GAN(s) given; {', '.join(map(str, left[:4]))}"
+              f"{' ...' if len(left) > 4 else ''} beside them, from the same agu adapt, were not given (list them after "
+              "--adapted to use them all, as agu run does)", file=sys.stderr)
     if not adapted and ucfg.negative_weight > 0 and ucfg.negative_source == "adapted" and args.negative_weight is None:
         # a fine-tuning baseline on its own
         ucfg.negative_weight = 0.0
@@ -731,11 +758,15 @@ def _main(args) -> int:
         import_architectures(getattr(args, "imports", []))
         init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)
         args.func(args)
+        sys.stdout.flush()  # (a closed pipe shows up here, not as an error at exit)
     except AguError as e:
         if getattr(args, "debug", False):
             raise
         print(f"agu {args.command}: error: {e}{_resume_hint(args)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output went to a pipe that closed early (agu info ... | head): nothing wrong
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 141
     except (OSError, SafetensorError) as e:  # the file system: a path that cannot be written, a full disk
         if getattr(args, "debug", False):
             raise

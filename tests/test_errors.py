@@ -33,6 +33,8 @@ from agu_lib.unlearn import DATA_TERMS_OFF, UnlearnConfig, unlearn
 
 TINY = ["--device", "cpu", "--quiet", "--real", "none", "--n-samples", "200", "--n-eval", "20", "--adapt-iters", "2",
         "--iters", "4"]
+TINY_ADAPT = TINY[:-2]  # agu adapt refuses stage 2's --iters
+TINY_UNLEARN = [a for a in TINY if a not in ("--adapt-iters", "2")]  # and agu unlearn stage 1's --adapt-iters
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +78,23 @@ def test_negatives_folder_empty_missing_or_unreadable(gan_dir, tmp_path, capsys,
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("hi")
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 2 and "holds no .png/.jpg/.jpeg files (1 files found)" in err and "put the images directly in it" in err
 
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", tmp_path / "nope", "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", tmp_path / "nope", "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 2 and "does not exist" in err
 
     def denied(self):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(Path, "iterdir", denied)  # root ignores chmod, so simulate the OS refusing
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", empty, "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 2 and "cannot be read (Permission denied)" in err and "check its permissions" in err
 
 
 def test_too_few_negatives_says_how_many_and_the_minimum(gan_dir, tmp_path, capsys):
     folder = write_pngs(tmp_path / "neg", 3)
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 2
     assert "holds 3 readable image(s); stage 1 needs at least 8 negatives" in err and "Add images" in err
     assert not (tmp_path / "a").exists()
@@ -100,16 +102,16 @@ def test_too_few_negatives_says_how_many_and_the_minimum(gan_dir, tmp_path, caps
 
 def test_images_of_another_size_need_convert(gan_dir, tmp_path, capsys):
     folder = write_pngs(tmp_path / "neg", 8, size=(28, 28), mode="RGB")
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 2 and "is 28x28 RGB (3 channels); expected 16x16 L (1 channels)" in err and "--convert" in err
-    code, _ = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--convert", "--out", tmp_path / "a", *TINY)
+    code, _ = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--convert", "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 0 and load_gan(tmp_path / "a").image_shape == (1, 16, 16)
 
 
 def test_corrupt_images_are_skipped_with_a_warning(gan_dir, tmp_path, capsys):
     folder = write_pngs(tmp_path / "neg", 8)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY)
+    code, err = agu(capsys, "adapt", gan_dir, "--negatives", folder, "--out", tmp_path / "a", *TINY_ADAPT)
     assert code == 0  # the library's warning, on the command line as one line (no source location)
     assert "agu: note: " in err and "skipped 1 unreadable image file(s): broken.png" in err and "warnings.warn" not in err
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): broken.png"):
@@ -357,8 +359,8 @@ def test_an_output_that_is_or_holds_an_input_is_refused(gan_copy, tmp_path, caps
         ["run", gan_copy, "--bold", "50", "--out", gan_copy, *TINY],
         ["run", gan_copy, "--bold", "50", "--out", gan_copy / "inside", *TINY],
         ["run", gan_copy, "--bold", "50", "--out", gan_copy.parent, *TINY],  # the folder that holds the GAN
-        ["adapt", gan_copy, "--negatives", negatives, "--out", gan_copy, *TINY],
-        ["unlearn", gan_copy, "--bold", "50", "--adapted", gan_copy, "--out", gan_copy, *TINY],
+        ["adapt", gan_copy, "--negatives", negatives, "--out", gan_copy, *TINY_ADAPT],
+        ["unlearn", gan_copy, "--bold", "50", "--adapted", gan_copy, "--out", gan_copy, *TINY_UNLEARN],
         ["run", "digits", "--bold", "50", "--out", Path(cli.__file__).parents[1] / "data" / "gans" / "digits", *TINY],
     ]
     for argv in cases:
@@ -397,10 +399,10 @@ def test_adapt_checks_every_output_folder_before_training(gan_copy, tmp_path, ca
     negatives = write_pngs(tmp_path / "neg", 10)
     (tmp_path / "ad-1").mkdir()
     (tmp_path / "ad-1" / "mine.txt").write_text("x")
-    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--k", "2", "--out", tmp_path / "ad", *TINY)
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--k", "2", "--out", tmp_path / "ad", *TINY_ADAPT)
     assert code == 2 and "ad-1 is a non-empty directory that agu did not write" in err
     assert not (tmp_path / "ad").exists()  # nothing half-written
-    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--forget", "3", "--out", tmp_path / "ad", *TINY)
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--forget", "3", "--out", tmp_path / "ad", *TINY_ADAPT)
     assert code == 2 and "--negatives gives the negatives itself" in err
 
 
@@ -501,3 +503,31 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(folder / "half.png")  # 0.502 of 65535
     x = load_folder(folder, (1, 16, 16)).images
     assert abs(float(x.mean())) < 0.01  # mid-grey, not white (1.0)
+
+
+def test_each_stage_command_refuses_the_other_stages_flags(gan_copy, tmp_path, capsys):
+    negatives = write_pngs(tmp_path / "neg", 10)
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--out", tmp_path / "a", *TINY_ADAPT, "--iters", "50")
+    assert code == 2 and "agu adapt does not use --iters" in err and "--adapt-iters" in err
+    code, err = agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--out", tmp_path / "a", *TINY_ADAPT, "--method", "il2")
+    assert code == 2 and "--method" in err
+    code, err = agu(capsys, "unlearn", gan_copy, "--bold", "50", "--out", tmp_path / "u", *TINY_UNLEARN, "--k", "3")
+    assert code == 2 and "agu unlearn does not use --k" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "u").exists()
+
+
+def test_unlearn_names_the_adapted_gans_left_out(gan_copy, tmp_path, capsys):
+    negatives = write_pngs(tmp_path / "neg", 10)
+    assert agu(capsys, "adapt", gan_copy, "--negatives", negatives, "--k", "3", "--out", tmp_path / "ad", *TINY_ADAPT)[0] == 0
+    code, err = agu(capsys, "unlearn", gan_copy, "--bold", "50", "--adapted", tmp_path / "ad", "--out", tmp_path / "u",
+                    *TINY_UNLEARN)
+    assert code == 0 and "from the 1 adapted GAN(s) given" in err and "ad-1" in err and "ad-2" in err
+    code, err = agu(capsys, "unlearn", gan_copy, "--bold", "50", "--adapted", tmp_path / "ad", tmp_path / "ad-1",
+                    tmp_path / "ad-2", "--out", tmp_path / "u", *TINY_UNLEARN)
+    assert code == 0 and "were not given" not in err
+
+
+def test_a_closed_pipe_is_not_a_traceback(gan_copy):
+    p = subprocess.run(f"{sys.executable} -m agu_lib.cli info {gan_copy} --full | head -c 10", shell=True, check=False,
+                       capture_output=True, text=True, timeout=120)
+    assert p.stdout == '{\n  "arch"' and "Traceback" not in p.stderr and "Error" not in p.stderr

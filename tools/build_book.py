@@ -95,19 +95,19 @@ def build(mode: str = "full", out: Path | None = None, execute_notebooks: bool =
     out = out.resolve()
     src = out / "_src"
     t_all = time.perf_counter()
-    staged = stage(src)
-    if execute_notebooks:
-        for nb in staged:
-            seconds = execute(nb, nb, mode)
-            print(f"executed {nb.name:<40} {seconds:6.1f} s ({mode})", flush=True)
-    t = time.perf_counter()
-    exe = Path(sys.executable).parent / "jupyter-book"
+    exe = Path(sys.executable).parent / "jupyter-book"  # checked first: not after minutes of notebooks
     if not exe.is_file():
         found = shutil.which("jupyter-book")
         if found is None:
             print('jupyter-book is not installed: pip install "jupyter-book<2" (or pip install -e ".[book]")', file=sys.stderr)
             return 1
         exe = Path(found)
+    staged = stage(src)
+    if execute_notebooks:
+        for nb in staged:
+            seconds = execute(nb, nb, mode)
+            print(f"executed {nb.name:<40} {seconds:6.1f} s ({mode})", flush=True)
+    t = time.perf_counter()
     cmd = [str(exe), "build", str(src), "--path-output", str(out), "--builder", "html", "-W", "--keep-going", "--all"]
     proc = subprocess.run(cmd, cwd=str(src), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
