@@ -557,20 +557,25 @@ def cmd_book(args) -> None:
 
 
 def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
-    from .pipeline import METHODS
-    from .unlearn import DISTANCES, NEGATIVE_SOURCES
+    from .adapt import AdaptConfig
+    from .pipeline import METHODS, RunConfig
+    from .unlearn import DISTANCES, NEGATIVE_SOURCES, UnlearnConfig
 
+    UNLEARN, ADAPT = UnlearnConfig(), AdaptConfig()  # the defaults the help shows
     p.add_argument("gan", help="GAN directory or shipped name (digits)")
     p.add_argument("--classifier", help="classifier directory or shipped name (digits, mnist) that plays the user")
     p.add_argument("--forget", type=int, nargs="+", default=[], help="class(es) to forget")
-    p.add_argument("--threshold", type=float, default=0.5, help="classifier probability that makes a sample negative")
+    p.add_argument("--threshold", type=float, default=0.5, help="classifier probability that makes a sample negative (default 0.5)")
     p.add_argument("--bold", type=_percentile, default=None, metavar="PERCENTILE",
                    help="feature-level: forget 'bold strokes' (ink mass above this percentile of the GAN's samples)")
     p.add_argument("--method", default="el2", choices=METHODS, help="unlearning method (default: el2)")
-    p.add_argument("--gamma", type=float, default=None, help="repulsion weight (> 0), or extrapolation factor (> 1)")
-    p.add_argument("--alpha", type=float, default=None, help="EL2 sharpness")
-    p.add_argument("--distance", default=None, choices=DISTANCES, help="parameter distance of the repulsion")
-    p.add_argument("--iters", type=int, default=None, help="stage-2 iterations")
+    p.add_argument("--gamma", type=float, default=None,
+                   help=f"repulsion weight (> 0, default {UNLEARN.gamma:g}), or extrapolation factor (> 1, default "
+                        f"{RunConfig.extrapolate_gamma:g})")
+    p.add_argument("--alpha", type=float, default=None, help=f"EL2 sharpness (default {UNLEARN.alpha:g})")
+    p.add_argument("--distance", default=None, choices=DISTANCES,
+                   help=f"parameter distance of the repulsion (default {UNLEARN.distance})")
+    p.add_argument("--iters", type=int, default=None, help=f"stage-2 iterations (default {UNLEARN.iters})")
     p.add_argument("--unlearn-g-lr", type=float, default=None, help="stage-2 learning rate of G (default 1e-3; 1e-4 with --paper-stage2)")
     p.add_argument("--negative-weight", type=float, default=None,
                    help="stage 2: weight of D's extra fakes, samples of the adapted GANs by default (--negative-source; default 3; 0: off)")
@@ -587,9 +592,9 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
                    help="stage 2: push G's samples away from what a detector (a copy of D trained on the feedback) calls negative")
     p.add_argument("--g-ema", type=float, default=None,
                    help="stage 2: the unlearned G averages G's weights over the steps with this decay (default 0.99; 0: the last step's)")
-    p.add_argument("--adapt-iters", type=int, default=None, help="stage-1 iterations per adapted model")
+    p.add_argument("--adapt-iters", type=int, default=None, help=f"stage-1 iterations per adapted model (default {ADAPT.iters})")
     p.add_argument("--k", type=int, default=None, help="number of adapted models (default 5, as in the paper's code)")
-    p.add_argument("--lam", type=float, default=None, help="EWC weight lambda of stage 1 (>= 0)")
+    p.add_argument("--lam", type=float, default=None, help=f"EWC weight lambda of stage 1 (>= 0, default {ADAPT.ewc_lambda:g})")
     p.add_argument("--adapt-d-lr", type=float, default=None, help="stage-1 learning rate of D (default 1e-3)")
     p.add_argument("--adapt-g-ema", type=float, default=None,
                    help="stage 1: each adapted G averages G's weights over the steps with this decay (default 0: the "
@@ -608,12 +613,14 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
 
 
 def add_method_commands(sub) -> None:
+    from .unlearn import UnlearnConfig
+
     p = sub.add_parser("run", help="the whole pipeline: feedback, adapt, unlearn, evaluate, write a run directory")
     _method_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT.partial/ (same command; without it, OUT.partial/ is discarded)")
     p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="stage-2 steps between resumable checkpoints (default: UnlearnConfig.checkpoint_every)")
+                   help=f"stage-2 steps between resumable checkpoints (default {UnlearnConfig.checkpoint_every})")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("adapt", help="stage 1 only: adapt copies of the GAN to negatives")
