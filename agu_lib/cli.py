@@ -409,10 +409,8 @@ def cmd_adapt(args) -> None:
     cfg = _run_config(args).adapt
     if args.negatives and (args.forget or args.classifier or args.bold is not None):
         raise ConfigError("--negatives gives the negatives itself; it takes no --classifier, --forget or --bold (give one or the other)")
-    outs = [args.out] + [f"{args.out}-{k}" for k in range(1, cfg.n_models)]  # every folder, before the training
-    _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier"), (args.negatives, "folder")])
-    for out in outs:
-        _refuse_overlap(out, [(args.gan, "gan"), (args.negatives, "folder")])
+    for out in [args.out] + [f"{args.out}-{k}" for k in range(1, cfg.n_models)]:  # every folder, before the training
+        _refuse_overlap(out, [(args.gan, "gan"), (args.classifier, "classifier"), (args.negatives, "folder")])
         check_replaceable(out, "agu-gan")
     if Path(f"{args.out}.log.json").is_dir():
         raise ConfigError(f"{args.out}.log.json is a directory; agu writes stage 1's log there. Choose another --out")
@@ -477,9 +475,9 @@ def cmd_unlearn(args) -> None:
     check_replaceable(args.out, "agu-gan")
     gan, clf = _load_pair(args, device)
     adapted = [load_gan(a, device=device) for a in (args.adapted or [])]
-    left = [s for a in args.adapted or [] for s in sorted(Path(a).parent.glob(Path(a).name + "-*"))
-            if s.is_dir() and s.name[len(Path(a).name) + 1:].isdigit() and str(s) not in args.adapted
-            and not any(Path(x).resolve() == s.resolve() for x in args.adapted)]
+    given = {Path(a).resolve() for a in args.adapted or []}
+    left = sorted({s for a in given for s in a.parent.glob(a.name + "-*")  # DIR-1 ... of the same agu adapt --out DIR
+                   if s.is_dir() and s.name.rsplit("-", 1)[-1].isdigit() and s not in given})
     if left:
         print(f"agu: note: stage 2 repels from the {len(adapted)} adapted GAN(s) given; {', '.join(map(str, left[:4]))}"
               f"{' ...' if len(left) > 4 else ''} beside them, from the same agu adapt, were not given (list them after "
