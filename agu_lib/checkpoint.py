@@ -199,7 +199,7 @@ def save_tensor_dir(path, tensors: dict[str, dict[str, torch.Tensor]], card: dic
     return path
 
 
-WHAT_FORMAT = {"agu-gan": "a GAN", "agu-classifier": "a classifier"}
+GIVE_AS = {"agu-gan": "give it as GAN, --original or --adapted", "agu-classifier": "give it to --classifier"}
 
 
 def read_card(path, expected_format: str, required=("format", "version", "files")) -> dict:
@@ -215,9 +215,9 @@ def read_card(path, expected_format: str, required=("format", "version", "files"
     if not isinstance(card, dict):
         raise CheckpointError(f"{card_path} must hold a JSON object")
     if "format" in card and card["format"] != expected_format:  # before the fields: a classifier given as a GAN, say
-        what = {"agu-gan": "a GAN (give it as GAN, --original or --adapted)",
-                "agu-classifier": "a classifier (give it to --classifier)"}.get(str(card["format"]), f"a {card['format']!r} checkpoint")
-        raise CheckpointError(f"{path} holds {what}, not {WHAT_FORMAT.get(expected_format, repr(expected_format))}")
+        fmt = str(card["format"])
+        what = f"a {KIND_NAMES[fmt]} ({GIVE_AS[fmt]})" if fmt in GIVE_AS else f"a {card['format']!r} checkpoint"
+        raise CheckpointError(f"{path} holds {what}, not a {KIND_NAMES.get(expected_format, expected_format)}")
     missing = [k for k in required if k not in card]
     if missing:
         raise CheckpointError(f"{card_path} lacks the fields {missing}; re-create the checkpoint with agu")
@@ -305,7 +305,7 @@ def load_gan(path_or_name, device="cpu") -> GAN:
         raise CheckpointError(
             f"{path} needs architecture {card['arch']!r}, which is not registered; "
             f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture before loading "
-            "(in every process); on the command line, name the file or module that registers it: agu --import my_gan.py ..."
+            "(in every process); on the command line, name the file or module that registers it: agu run ... --import my_gan.py"
         )
     shape, latent_dim = card["image_shape"], card["latent_dim"]
     if not (
