@@ -67,6 +67,9 @@ def ink_mass(images: torch.Tensor) -> torch.Tensor:
 
 def bold_strokes(reference: torch.Tensor, percentile: float = 80.0) -> PredicateOracle:
     """"Bold strokes": ink mass above the ``percentile`` of the reference images' ink mass."""
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile < 100:
+        raise ConfigError(f"percentile must be a number in [0, 100), got {percentile!r}: "
+                          "80 calls the boldest fifth of the samples negative")
     cut = float(torch.quantile(ink_mass(reference), percentile / 100.0))
     return PredicateOracle(lambda x: ink_mass(x) > cut, f"bold strokes: ink mass > {cut:.4f} (p{percentile:g})")
 
@@ -125,11 +128,16 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     share = float(neg.float().mean())
     if int(neg.sum()) < min_negatives:
         enough = math.ceil(1.5 * min_negatives / share) if share > 0 else 10 * n_samples  # samples for ~1.5x the minimum
+        if isinstance(oracle, ClassifierOracle):
+            looser = "lower the oracle's threshold (--threshold; ClassifierOracle(..., threshold=))"
+        else:
+            looser = "loosen the oracle (for bold strokes a lower percentile: --bold; bold_strokes(..., percentile=))"
         raise FeedbackError(
             f"the GAN produced {int(neg.sum())} negatives in {n_samples} samples (measured share {share:.2%}), "
-            f"fewer than the {min_negatives} needed. Draw more samples (--n-samples {enough}), lower the oracle's "
-            "threshold (--threshold), or pick negatives yourself and give them as a folder of images "
-            "(agu adapt --negatives DIR, then agu unlearn --adapted). A share this small can also mean the GAN "
-            "hardly ever makes what you want to forget: look at its samples (agu sample) and check the class"
+            f"fewer than the {min_negatives} needed. Draw more samples (--n-samples {enough}; in Python "
+            f"collect(..., n_samples={enough})), {looser}, or pick negatives yourself and give them as a folder "
+            "of images (agu adapt --negatives DIR, then agu unlearn --adapted; in Python adapt(gan, images)). "
+            "A share this small can also mean the GAN hardly ever makes what you want to forget: look at its "
+            "samples (agu sample) and check the class"
         )
     return Feedback(x[neg], x[~neg], share, z[~neg], z[neg])

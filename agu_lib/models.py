@@ -340,6 +340,9 @@ class GAN(nn.Module):
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         """Images ``(N, C, H, W)`` in [-1, 1] for latents ``z`` ``(N, latent_dim)``."""
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise ConfigError(f"latents must have shape (N, {self.latent_dim}) for this GAN, got {tuple(z.shape)}: "
+                              "draw them with gan.sample_latents(n, seed)")
         return self.generator(z).reshape(-1, *self.image_shape)
 
     def discriminate(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,8 @@ FINETUNE_METHODS = ("finetune", "ewc")  # baselines: no regulariser / EWC toward
 DISTANCES = ("fisher", "l2", "per_tensor")
 REPULSION_MODES = ("decoupled", "loss")
 NEGATIVE_SOURCES = ("adapted", "flagged", "both")  # what D learns to call fake under beta_N
+MAX_FIRST_PUSH = 0.5  # the decoupled repulsion may not move theta by more than half of theta - theta_N in one step
+RUNAWAY_DISTANCE = 100.0  # a normalised distance to theta_N this large at the end: the repulsion ran away (a warning)
 
 
 @dataclass
@@ -187,6 +190,15 @@ class UnlearnConfig:
         """Whether beta_N's fakes include the flagged negatives themselves (so stage 2 needs their images)."""
         return self.negative_weight > 0 and self.negative_source in ("flagged", "both")
 
+    def first_push(self, n_adapted: int) -> float | None:
+        """The decoupled repulsion's first step as a share of theta - theta_N (normalised distances start at
+        d = 1, where the slope c = -dL_rep/dd is alpha e^-alpha for EL2 and 1 for NL2 and IL2); None when
+        the step is not that (the paper's in-Adam form, or unnormalised distances)."""
+        if self.method not in REPULSION_METHODS or self.repulsion_mode != "decoupled" or not self.normalize_distance:
+            return None
+        slope = self.alpha * math.exp(-self.alpha) if self.method == "el2" else 1.0
+        return self.gamma * self.repulsion_lr * max(n_adapted, 1) * slope
+
     def validate(self, n_adapted: int) -> None:
         valid = REPULSION_METHODS + FINETUNE_METHODS
         if self.method not in valid:
@@ -211,6 +223,14 @@ class UnlearnConfig:
                 raise ConfigError(f"method {self.method} needs at least one adapted GAN (run stage 1 first)")
             check_positive("alpha", self.alpha)
             check_positive("repulsion_lr", self.repulsion_lr)
+            push = self.first_push(n_adapted)
+            if push is not None and push > MAX_FIRST_PUSH:
+                raise ConfigError(
+                    f"gamma {self.gamma:g} is far too large for {self.method}: the first repulsion step alone would move G "
+                    f"by {push:.2g} times its distance to the adapted GANs (gamma * repulsion_lr * K * slope; at most "
+                    f"{MAX_FIRST_PUSH} is stable), and training would blow the generator up. Use gamma <= "
+                    f"{self.gamma * MAX_FIRST_PUSH / push:.3g}; the default is 1"
+                )
         for name in ("iters", "batch_size", "fisher_samples", "log_every", "checkpoint_every", "detector_iters"):
             check_int(f"unlearn: {name}", getattr(self, name))
         check_int("unlearn: augment_shift", self.augment_shift, minimum=0)
@@ -585,5 +605,11 @@ def unlearn(
 
     # --- done -----------------------------------------------------------------------------
     model.eval()
+    end = log.rows[-1].get("distance") if repulsive and log.rows else None
+    if end is not None and end > RUNAWAY_DISTANCE:
+        warnings.warn(f"unlearn ({cfg.method}, gamma {cfg.gamma:g}): the repulsion ran away: G ended {end:.3g} times as "
+                      "far from the adapted GANs as it started (squared distance, normalised): expect broken samples "
+                      "(check FID); lower gamma" + (" (NL2's push never weakens: EL2 is the bounded one)"
+                                                    if cfg.method == "nl2" else ""), stacklevel=2)
     model.provenance = {**gan.provenance, "stage": "unlearned", "unlearn_config": asdict(cfg)}
     return UnlearnResult(model, log.rows, asdict(cfg))

@@ -4,7 +4,7 @@ plus ``show_grid``, the matplotlib grid used for the book's static figures.
 
 Both are plain objects holding their widgets, so they work headless too: a test (or a notebook
 run by papermill) sets the widgets' values instead of clicking, and reads the same state.
-ipywidgets is imported only when a widget is built (``pip install agu[notebooks]``).
+ipywidgets is imported only when a widget is built (``pip install -e ".[notebooks]"`` in a checkout).
 """
 
 from __future__ import annotations
@@ -15,15 +15,27 @@ from collections.abc import Callable
 import torch
 
 from .errors import ConfigError
-from .feedback import ManualOracle
+from .feedback import Feedback, ManualOracle
 from .plotting import make_grid
+
+NOTEBOOK_MODES = ("full", "ci")
+
+
+def notebook_mode(mode: str) -> bool:
+    """A notebook's ``MODE`` parameter checked: True for ``"ci"`` (short runs), False for ``"full"``; any
+    other value raises ``ConfigError`` (a typo such as ``"CI"`` once ran the long full mode silently)."""
+    if mode not in NOTEBOOK_MODES:
+        raise ConfigError(f"MODE must be one of {', '.join(map(repr, NOTEBOOK_MODES))}, got {mode!r}: "
+                          "'full' for the book and students, 'ci' for quick checks (or set AGU_MODE)")
+    return mode == "ci"
 
 
 def _ipywidgets():
     try:
         import ipywidgets
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ConfigError("the notebook widgets need ipywidgets: pip install 'agu[notebooks]'") from e
+        raise ConfigError("the notebook widgets need ipywidgets: pip install -e '.[notebooks]' in the agu checkout "
+                          "(pip install 'agu[notebooks]' from a package index), then restart the kernel") from e
     return ipywidgets
 
 
@@ -42,6 +54,9 @@ class SamplePicker:
 
     Arguments:
         images: ``(N, C, H, W)`` in [-1, 1], the batch the person judges (kept on the CPU).
+        latents: optional ``(N, latent_dim)``, the latents behind ``images``; with them
+            ``picker.feedback()`` is a ``Feedback`` that both stages take (``SamplePicker.from_gan``
+            draws images and latents together).
         ncols: tiles per row.
         scale: nearest-neighbour upscaling of each tile (16x16 digits: 4 -> 64 px).
         suggest: optional oracle ``images -> bool (N,)`` behind the "suggest" button (e.g. a
@@ -49,14 +64,21 @@ class SamplePicker:
 
     ``picker.widget`` is what a notebook displays; ``picker.selected`` the sorted indices
     toggled on; ``picker.oracle()`` a ``ManualOracle`` for this batch; ``picker.negatives`` the
-    selected images ``(k, C, H, W)``. ``picker.select(indices)`` sets the selection (headless use).
+    selected images ``(k, C, H, W)``, what ``adapt(gan, picker.negatives)`` adapts to;
+    ``picker.feedback()`` the whole selection as a ``Feedback`` (needs the latents).
+    ``picker.select(indices)`` sets the selection (headless use).
     """
 
-    def __init__(self, images: torch.Tensor, ncols: int = 8, scale: int = 4, suggest: Callable | None = None):
+    def __init__(self, images: torch.Tensor, ncols: int = 8, scale: int = 4, suggest: Callable | None = None,
+                 latents: torch.Tensor | None = None):
         w = _ipywidgets()
         if images.ndim != 4 or len(images) < 1:
             raise ConfigError(f"the picker needs images (N, C, H, W) with N >= 1, got shape {tuple(images.shape)}")
+        if latents is not None and (latents.ndim != 2 or len(latents) != len(images)):
+            raise ConfigError(f"latents must be (N, latent_dim) with one row per image ({len(images)}), "
+                              f"got shape {tuple(latents.shape)}")
         self.images = images.detach().float().cpu()
+        self.latents = latents.detach().cpu() if latents is not None else None
         self._suggest = suggest
         side = f"{images.shape[-1] * scale}px"
         self.buttons = []
@@ -122,10 +144,35 @@ class SamplePicker:
         """The selected images ``(k, C, H, W)``."""
         return self.images[self.selected]
 
-    def _ipython_display_(self):  # display(picker) shows the widget
-        from IPython.display import display
+    @classmethod
+    def from_gan(cls, gan, n: int, seed: int, **kwargs) -> SamplePicker:
+        """A picker over ``n`` samples of ``gan`` drawn with ``seed``, keeping their latents."""
+        from .models import evaluating
 
-        display(self.widget)
+        z = gan.sample_latents(n, seed)
+        with torch.no_grad(), evaluating(gan):
+            x = gan.generate(z)
+        return cls(x, latents=z, **kwargs)
+
+    def feedback(self) -> Feedback:
+        """The selection as ``Feedback``: negatives = the selected samples, positives = the rest, with
+        their latents (``adapt`` takes ``.negatives``, ``unlearn`` the whole ``Feedback``)."""
+        if self.latents is None:
+            raise ConfigError("this picker has no latents: make it with SamplePicker.from_gan(gan, n, seed) "
+                              "or SamplePicker(images, latents=z)")
+        neg = torch.zeros(len(self.images), dtype=torch.bool)
+        neg[self.selected] = True
+        return Feedback(self.images[neg], self.images[~neg], float(neg.float().mean()),
+                        self.latents[~neg], self.latents[neg])
+
+    def __repr__(self) -> str:
+        return (f"SamplePicker: {len(self.selected)} of {len(self.images)} samples selected as negative "
+                "(no clickable grid here? this frontend does not show ipywidgets: select with picker.select([...]))")
+
+    def _repr_mimebundle_(self, include=None, exclude=None):  # the grid where widgets render, a hint where not
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
+        bundle["text/plain"] = repr(self)
+        return bundle
 
 
 class GammaExplorer:
@@ -151,6 +198,10 @@ class GammaExplorer:
         lo, hi, step = gammas
         if not lo < hi or step <= 0:
             raise ConfigError(f"gammas must be (min, max, step) with min < max and step > 0, got {gammas}")
+        from .directions import mean_gan
+
+        if isinstance(adapted, (list, tuple)):  # several adapted GANs: theta_N is their mean, computed once
+            adapted = mean_gan(list(adapted))
         self._extrapolate = extrapolate
         self.original, self.adapted, self.oracle = original, adapted, oracle
         self.z = z.detach().cpu()
@@ -179,10 +230,14 @@ class GammaExplorer:
         self.label.value = text
         return x
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def __repr__(self) -> str:
+        return (f"GammaExplorer at gamma = {self.slider.value:.2f} (no slider here? this frontend does not show "
+                "ipywidgets: call explorer.draw(gamma) and show_grid(explorer.images))")
 
-        display(self.widget)
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
+        bundle["text/plain"] = repr(self)
+        return bundle
 
 
 def show_grid(images: torch.Tensor, title: str | None = None, nrow: int | None = None, ax=None, scale: int = 1):

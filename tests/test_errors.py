@@ -143,7 +143,22 @@ def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     assert code == 2
     assert "produced 0 negatives in 200 samples (measured share 0.00%), fewer than the 8 needed" in err
     assert "--n-samples" in err and "--threshold" in err and "agu adapt --negatives DIR" in err
+    assert "collect(..., n_samples=" in err and "adapt(gan, images)" in err  # and what a notebook user changes
     assert not (tmp_path / "r").exists()
+
+
+def test_bold_percentile_out_of_range_and_a_predicate_that_finds_nothing(tiny_gan):
+    from agu_lib.errors import FeedbackError
+    from agu_lib.feedback import bold_strokes
+
+    ref = tiny_gan.sample(64, seed=0)
+    for bad in (150, 100, -1, "80", True):
+        with pytest.raises(ConfigError, match="percentile must be a number in"):
+            bold_strokes(ref, bad)
+    never = PredicateOracle(lambda x: torch.zeros(len(x), dtype=torch.bool), "never")
+    with pytest.raises(FeedbackError, match="lower percentile") as e:
+        collect(tiny_gan, never, 50, seed=0, min_negatives=2)
+    assert "--threshold" not in str(e.value)  # no classifier here: its threshold is not the advice
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -54,6 +54,18 @@ def test_unlearn_rejects_non_positive_gamma(tiny_gan, feedback, gamma):
         unlearn(tiny_gan, feedback, adapted, UnlearnConfig(gamma=gamma), progress=False)
 
 
+def test_a_gamma_that_would_blow_g_up_is_refused_and_a_runaway_is_reported(tiny_gan, feedback):
+    """gamma = 1e6 once ran silently and made more of the class (8% -> 68% in a notebook)."""
+    adapted = adapt(tiny_gan, feedback.negatives, TINY_ADAPT, progress=False).models
+    with pytest.raises(ConfigError, match=r"far too large for el2.*Use gamma <= 54.4; the default is 1"):
+        unlearn(tiny_gan, feedback, adapted, UnlearnConfig(**{**TINY_UNLEARN.__dict__, "gamma": 1e6}), progress=False)
+    assert UnlearnConfig(gamma=1.0).first_push(5) < 0.01  # the default's first step: under 1% of theta - theta_N
+    assert UnlearnConfig(gamma=50.0, repulsion_mode="loss").first_push(5) is None  # inside Adam: no such step
+    cfg = UnlearnConfig(**{**TINY_UNLEARN.__dict__, "method": "nl2", "gamma": 15.0, "iters": 30, "log_every": 30})
+    with pytest.warns(UserWarning, match="ran away.*lower gamma.*NL2's push never weakens"):
+        unlearn(tiny_gan, feedback, adapted, cfg, progress=False)
+
+
 def test_unlearn_unknown_method_lists_valid(tiny_gan, feedback):
     with pytest.raises(ConfigError, match="valid: il2, nl2, el2, finetune, ewc"):
         unlearn(tiny_gan, feedback, [], UnlearnConfig(method="magic"), progress=False)
@@ -94,6 +106,19 @@ def test_extrapolation_endpoints(tiny_gan, feedback):
     two = extrapolate(tiny_gan, adapted, 2.0)
     assert torch.allclose(theta(two), 2 * theta(tiny_gan) - theta(adapted), atol=1e-6)
     assert torch.equal(theta(mean_gan([adapted, adapted])), theta(adapted))
+    # a list of adapted GANs (adapt(...).models) means their mean; anything else is refused with the fix
+    assert torch.equal(theta(extrapolate(tiny_gan, [adapted, tiny_gan], 0.0)), theta(mean_gan([adapted, tiny_gan])))
+    with pytest.raises(ConfigError, match="list of them"):
+        extrapolate(tiny_gan, {"models": [adapted]}, 1.5)
+    with pytest.raises(ConfigError, match="non-empty"):
+        mean_gan([])
+
+
+def test_latents_of_the_wrong_width_are_refused_with_the_fix(tiny_gan):
+    with pytest.raises(ConfigError, match=r"\(N, 8\).*sample_latents"):
+        tiny_gan.generate(torch.randn(3, 16))
+    with pytest.raises(ConfigError):
+        tiny_gan.generate(torch.randn(8))
 
 
 def test_weight_average_follows_the_iterates(tiny_gan, feedback):

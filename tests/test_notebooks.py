@@ -77,6 +77,7 @@ def test_chapter_structure(path):
     assert params.metadata.get("tags") == ["parameters"], "the first code cell is papermill's parameters cell"
     assert 'MODE = os.environ.get("AGU_MODE", "full")' in params.source
     code = "\n".join(c.source for c in cells)
+    assert "CI = notebook_mode(MODE)" in code, "a MODE typo must stop the notebook, not run the long mode"
     assert "import agu_lib" in code or "from agu_lib" in code
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "## Exercises" in markdown
@@ -131,6 +132,23 @@ def test_check_html_finds_broken_images_and_errors(tmp_path):
     assert not any("ok.png" in p for p in problems)
 
 
+def test_book_drops_frozen_progress_bars_and_keeps_the_rest(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("adapt(...)")
+    bar = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2, "version_minor": 0},
+        "text/plain": "adapt 1/5:   0%|          | 0/1000 [00:00<?, ?it/s]"})
+    picker = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "y", "version_major": 2, "version_minor": 0},
+        "text/plain": "SamplePicker: 0 of 32 samples selected as negative"})
+    text = nbformat.v4.new_output("stream", name="stdout", text="share 91.2% | 50%| of it\n")
+    cell.outputs = [bar, text, picker, bar]
+    nb.cells = [cell]
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    assert build_book.drop_progress_bars(tmp_path / "a.ipynb") == 2
+    assert read(tmp_path / "a.ipynb").cells[0].outputs == [text, picker]
+
+
 def test_compare_sees_changed_checked_outputs():
     nb = read(NOTEBOOKS[0])
     ran = copy.deepcopy(nb)
@@ -140,6 +158,19 @@ def test_compare_sees_changed_checked_outputs():
     assert len(refresh_notebooks.compare(nb, ran)) == 1
     cell.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="x", traceback=[])]
     assert any("raised an error" in p for p in refresh_notebooks.compare(nb, ran))
+
+
+def test_compare_pairs_cells_past_papermills_injected_parameters():
+    """papermill -p inserts a cell after the parameters cell; --check --executed once crashed on it."""
+    nb = read(NOTEBOOKS[0])
+    ran = copy.deepcopy(nb)
+    at = next(i for i, c in enumerate(ran.cells) if "parameters" in c.metadata.get("tags", []))
+    injected = nbformat.v4.new_code_cell('MODE = "full"\n')
+    injected.metadata["tags"] = ["injected-parameters"]
+    ran.cells.insert(at + 1, injected)
+    assert refresh_notebooks.compare(nb, ran) == []
+    ran.cells.pop()  # a different notebook
+    assert "not the same notebook" in refresh_notebooks.compare(nb, ran)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,6 +217,55 @@ def test_picker_suggest_preselects_the_oracle_answer(images):
     expected = bright(images).nonzero().flatten().tolist()
     assert picker.suggest() == expected and picker.selected == expected
     assert all(picker.buttons[i].button_style == "danger" for i in expected)
+
+
+def test_picker_clicks_reach_both_stages(tiny_gan):
+    """What a student clicks is what stage 1 adapts to and what stage 2 removes (with the latents)."""
+    pytest.importorskip("ipywidgets")
+    from agu_lib.adapt import AdaptConfig, adapt
+    from agu_lib.errors import ConfigError
+    from agu_lib.unlearn import UnlearnConfig, unlearn
+    from agu_lib.widgets import SamplePicker
+
+    picker = SamplePicker.from_gan(tiny_gan, 12, seed=4, ncols=4, scale=1)
+    with torch.no_grad():
+        assert torch.equal(picker.images, tiny_gan.generate(tiny_gan.sample_latents(12, 4)))
+    for i in (1, 5, 6):
+        picker.buttons[i].value = True  # three clicks
+    fb = picker.feedback()
+    assert torch.equal(fb.negatives, picker.images[[1, 5, 6]]) and len(fb.positives) == 9
+    assert torch.equal(fb.negative_latents, picker.latents[[1, 5, 6]]) and fb.negative_share == 0.25
+    assert torch.equal(fb.positive_latents, picker.latents[[i for i in range(12) if i not in (1, 5, 6)]])
+    adapted = adapt(tiny_gan, picker.negatives, AdaptConfig(iters=2, n_models=1, n_negatives=3, batch_size=4), progress=False)
+    res = unlearn(tiny_gan, fb, adapted.models, UnlearnConfig(iters=2, batch_size=4, negative_pool=8), progress=False)
+    assert res.gan is not None
+    with pytest.raises(ConfigError, match="from_gan"):
+        SamplePicker(picker.images).feedback()  # images alone: no latents to keep
+    with pytest.raises(ConfigError, match="one row per image"):
+        SamplePicker(picker.images, latents=picker.latents[:3])
+
+
+def test_widgets_say_what_to_do_where_they_do_not_render(tiny_gan):
+    pytest.importorskip("ipywidgets")
+    from agu_lib.widgets import GammaExplorer, SamplePicker
+
+    picker = SamplePicker.from_gan(tiny_gan, 4, seed=0, scale=1)
+    picker.select([2])
+    bundle = picker._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # the grid where widgets render
+    assert "1 of 4" in bundle["text/plain"] and "picker.select" in bundle["text/plain"]
+    ex = GammaExplorer(tiny_gan, [tiny_gan.clone(), tiny_gan.clone()], tiny_gan.sample_latents(2, 0))  # a list of adapted GANs
+    assert "explorer.draw" in ex._repr_mimebundle_()["text/plain"]
+
+
+def test_notebook_mode_accepts_the_two_modes_only():
+    from agu_lib.errors import ConfigError
+    from agu_lib.widgets import notebook_mode
+
+    assert notebook_mode("ci") is True and notebook_mode("full") is False
+    for typo in ("CI", "Full", "", None):
+        with pytest.raises(ConfigError, match="MODE must be one of 'full', 'ci'"):
+            notebook_mode(typo)
 
 
 def test_gamma_explorer_redraws_the_same_latents(tiny_gan):

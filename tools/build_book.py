@@ -90,6 +90,28 @@ def check_html(html_dir: Path, chapters=()) -> list[str]:
     return problems
 
 
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # tqdm's text: "adapt 1/5:   0%|    | 0/1000 [00:00<?, ?it/s]"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_progress_bars(path: Path) -> int:
+    """Remove tqdm's widget bars from an executed notebook (a static page shows them frozen at 0%);
+    returns how many went."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    dropped = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        keep = [o for o in cell.outputs if not (o.get("output_type") == "display_data" and WIDGET in o.get("data", {})
+                                                  and PROGRESS_BAR.search(o["data"].get("text/plain", "")))]
+        dropped += len(cell.outputs) - len(keep)
+        cell.outputs = keep
+    nbformat.write(nb, path)
+    return dropped
+
+
 def build(mode: str = "full", out: Path | None = None, execute_notebooks: bool = True) -> int:
     out = Path(out) if out else BOOK / "_build"
     out = out.resolve()
@@ -106,6 +128,7 @@ def build(mode: str = "full", out: Path | None = None, execute_notebooks: bool =
     if execute_notebooks:
         for nb in staged:
             seconds = execute(nb, nb, mode)
+            drop_progress_bars(nb)
             print(f"executed {nb.name:<40} {seconds:6.1f} s ({mode})", flush=True)
     t = time.perf_counter()
     cmd = [str(exe), "build", str(src), "--path-output", str(out), "--builder", "html", "-W", "--keep-going", "--all"]

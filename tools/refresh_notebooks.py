@@ -64,6 +64,12 @@ def execute(src: Path, dst: Path, mode: str = "ci", timeout: int = 900) -> float
     return time.perf_counter() - t
 
 
+def own_cells(nb) -> list:
+    """The notebook's cells without the one papermill injects for ``-p`` parameters, so that an
+    executed copy pairs cell by cell with its source."""
+    return [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+
+
 def clean_output(out: dict, execution_count=None) -> dict:
     """An output as stored: text data only, no metadata that varies between runs."""
     out = copy.deepcopy(out)
@@ -84,7 +90,7 @@ def apply_policy(nb, executed=None):
         if cell.cell_type != "code":
             continue
         if is_checked(cell) and executed is not None:
-            ran = executed.cells[i]
+            ran = own_cells(executed)[i]
             if ran.source != cell.source:
                 raise SystemExit(f"cell {i} of the executed notebook differs from the source; was a parameters cell injected?")
             # nbval needs an execution count on cells with outputs; a top-to-bottom run makes it stable
@@ -118,7 +124,10 @@ def _comparable(outputs) -> list:
 def compare(stored, executed) -> list[str]:
     """Differences between the checked cells' stored and executed outputs (empty = same)."""
     problems = []
-    for i, (a, b) in enumerate(zip(stored.cells, executed.cells)):
+    ran = own_cells(executed)
+    if len(ran) != len(stored.cells):
+        return [f"the executed notebook has {len(ran)} cells, the stored one {len(stored.cells)}: not the same notebook"]
+    for i, (a, b) in enumerate(zip(stored.cells, ran)):
         if is_checked(a) and _comparable(a.outputs) != _comparable(b.outputs):
             problems.append(f"cell {i}:\n  stored:   {_comparable(a.outputs)!r}\n  executed: {_comparable(b.outputs)!r}")
         if b.cell_type == "code" and any(o.get("output_type") == "error" for o in b.get("outputs", [])):
