@@ -60,13 +60,36 @@ def _percentile(text: str) -> float:
     return value
 
 
+DEFAULT_THREADS = 2  # fixed, not the machine's core count: the thread count changes the last digits of a result
+
+
+def default_threads() -> int:
+    """``--threads`` when not given: 2, or 1 where only one core is available."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return min(DEFAULT_THREADS, cores)
+
+
+def environment(device) -> dict:
+    """What else decides the last digits of a result: recorded in config.json and table.json."""
+    import platform
+
+    from . import __version__
+
+    return {"agu": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "machine": platform.machine()}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: auto)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**31 - 1 (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only results")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; use 1 when other jobs share the cores)")
+                   help="CPU threads for torch (default: 2, or 1 on a one-core machine: the same numbers on every "
+                        "machine; 1 when other jobs share the cores; another count changes the last digits)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE_OR_MODULE",
                    help="a Python file or module to import first, e.g. one that registers your GAN's architecture "
                         "with agu_lib.register_architecture (repeatable)")
@@ -378,7 +401,8 @@ def cmd_run(args) -> None:
     _, real_without = _real_without(args, gan, forget)
     metrics = run(gan, oracle, args.out, cfg, classifier=clf, forget=forget, real_without=real_without, device=device,
                   progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]), "gan": args.gan,
-                                                         "classifier": args.classifier}, resume=args.resume)
+                                                         "classifier": args.classifier,
+                                                         "environment": environment(device)}, resume=args.resume)
     print(summary(metrics))
     print(f"wrote {args.out}/ ({', '.join(_written(Path(args.out)))})")
 
@@ -529,7 +553,8 @@ def cmd_table(args) -> None:
         cfg.retrain_iters = args.retrain_iters
         cfg.validate()
     res = table(gan, clf, args.forget, list(range(args.seeds)), args.out, cfg, methods, real, device,
-                progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:])}, jobs=args.jobs)
+                progress=not args.quiet, extra_config={"command": "agu " + " ".join(sys.argv[1:]),
+                                                       "environment": environment(device)}, jobs=args.jobs)
     print((__import__("pathlib").Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.csv, table.json ({len(res['records'])} records)")
 
@@ -644,8 +669,9 @@ def add_method_commands(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="rows (default: all, retrain when real data is at hand)")
     p.add_argument("--retrain-iters", type=int, default=None, help="iterations of the from-scratch GAN (default: 3000)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="classes computed side by side in this many processes (CPU; the threads are shared out): "
-                        "the same records as --jobs 1, sooner on a multi-core machine (default 1)")
+                   help="classes computed side by side in this many processes (CPU; each with --threads threads, "
+                        "default 1 with --jobs): the same records as --jobs 1 with the same --threads, sooner on a "
+                        "multi-core machine (default 1)")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("merge-tables", help="one table from agu table runs over different classes (same settings)")
@@ -684,7 +710,10 @@ def cmd_merge_tables(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
+    parser.add_argument("--version", action="version", version=f"agu {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="show a GAN's card and sizes")
@@ -756,9 +785,16 @@ def _main(args) -> int:
     try:
         from .distributed import init_from_env
 
-        if getattr(args, "threads", None) is not None:
+        if hasattr(args, "threads"):  # (merge-tables and book take no --threads)
+            jobs = getattr(args, "jobs", 1)
+            if args.threads is None:  # agu table --jobs N: one thread per process unless told otherwise
+                args.threads = default_threads() if not (isinstance(jobs, int) and jobs > 1) else 1
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+            if isinstance(jobs, int) and jobs > 1 and jobs * args.threads > (os.cpu_count() or 1):
+                warnings.warn(f"--jobs {jobs} with --threads {args.threads} runs {jobs * args.threads} threads on "
+                              f"{os.cpu_count()} cores: oversubscribed cores can run 10-30x slower (--threads 1 is "
+                              "the usual choice with --jobs; the records depend on the thread count)")
             torch.set_num_threads(args.threads)
         import_architectures(getattr(args, "imports", []))
         init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)

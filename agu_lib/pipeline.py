@@ -170,7 +170,8 @@ def run(
     t_all = time.perf_counter()
     cfg.adapt.seed = cfg.seed
     state = open_state_dir(out, {"config": asdict(cfg), "forget": [int(c) for c in forget], "gan": gan_digest(gan),
-                                 "oracle": getattr(oracle, "description", "custom")}, resume) \
+                                 "oracle": getattr(oracle, "description", "custom"),
+                                 "threads": torch.get_num_threads()}, resume) \
         if is_main_process() else out.with_name(out.name + ".partial")  # under torchrun, rank 0 writes
     barrier()
 
@@ -361,9 +362,9 @@ def table(
     on every seed's latents, so its ± reflects the evaluation latents only.
 
     ``real``: a labelled ``ImageSet`` of real data (for FID, retraining and Ret-FID), or None.
-    ``jobs``: classes computed side by side in that many processes (CPU), each with an equal share
-    of torch's threads; every (class, seed) is seeded on its own, so the records are those of
-    ``jobs=1`` (but the seconds).
+    ``jobs``: classes computed side by side in that many processes (CPU), each with as many torch
+    threads as this process (the thread count changes the last digits of a result); every (class,
+    seed) is seeded on its own, so the records are those of ``jobs=1`` (but the seconds).
     Writes ``table.md``, ``table.csv`` and ``table.json`` into ``out``.
     """
     from .feedback import ClassifierOracle
@@ -457,7 +458,7 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = min(jobs, len(forget_classes))
-    threads = max(1, torch.get_num_threads() // jobs)
+    threads = torch.get_num_threads()  # each worker as many as one process would use: the same records (jobs x threads in all)
     with tempfile.TemporaryDirectory(prefix="agu-table-") as tmp:
         shared = {"gan": gan.cpu(), "classifier": classifier, "seeds": seeds, "config": config, "methods": methods,
                   "real": real, "device": "cpu", "progress": False, "extra_config": extra_config}
@@ -476,6 +477,9 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
     return result
 
 
+PER_COMMAND = ("command", "environment")  # config entries of one command, not settings: merged tables keep them all
+
+
 def merge_tables(parts: list[dict], sources: list[str] | None = None) -> dict:
     """One table from tables of the same GAN and settings over different classes (e.g. one
     ``agu table`` per class, run side by side): records and classes concatenated in the given
@@ -491,15 +495,18 @@ def merge_tables(parts: list[dict], sources: list[str] | None = None) -> dict:
                 raise ConfigError(f"{name} has other {key} ({part[key]}) than {names[0]} ({first[key]}): "
                                   "only tables made with the same settings can be merged")
         differ = sorted(k for k in set(part["config"]) | set(first["config"])
-                        if k != "command" and part["config"].get(k) != first["config"].get(k))
+                        if k not in PER_COMMAND and part["config"].get(k) != first["config"].get(k))
         if differ:
             raise ConfigError(f"{name} was made with other settings than {names[0]} (differ: {', '.join(differ)})")
     classes = [c for part in parts for c in part["classes"]]
     if len(set(classes)) != len(classes):
         raise ConfigError(f"the tables share classes ({classes}): merge tables of different classes")
-    commands = [part["config"].get("command") for part in parts]
+    config = {**first["config"], "command": [part["config"].get("command") for part in parts]}
+    environments = [part["config"].get("environment") for part in parts]
+    if any(e is not None for e in environments):
+        config["environment"] = environments[0] if all(e == environments[0] for e in environments) else environments
     return {**first, "classes": classes, "records": [r for part in parts for r in part["records"]],
-            "config": {**first["config"], "command": commands}, "merged_from": names}
+            "config": config, "merged_from": names}
 
 
 def aggregate(result: dict) -> dict:

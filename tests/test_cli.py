@@ -78,6 +78,17 @@ def test_threads_flag(tmp_path, capsys):
         torch.set_num_threads(before)
     assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "g.png"), "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+    torch.set_num_threads(3)
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert torch.get_num_threads() == cli.default_threads() <= 2  # fixed, not the core count: the same numbers anywhere
+
+
+def test_version(capsys):
+    from agu_lib import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"agu {__version__} (torch ")
 
 
 def test_adapt_reports_each_adapted_gans_share_of_negatives(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from agu_lib.cli import main
 
@@ -164,6 +165,11 @@ def test_merge_tables_joins_classes_and_refuses_mismatches(tmp_path, capsys):
     merged = json.loads((tmp_path / "m" / "table.json").read_text())
     assert merged["classes"] == [1, 4] and len(merged["records"]) == 8
     assert merged["config"]["command"] == ["agu table x --forget 1", "agu table x --forget 4"]
+    a, b = _fake_table(1), _fake_table(4)  # made on other machines: merged, and both environments kept
+    a["config"]["environment"], b["config"]["environment"] = {"threads": 1}, {"threads": 4}
+    assert merge_tables([a, b])["config"]["environment"] == [{"threads": 1}, {"threads": 4}]
+    b["config"]["environment"] = {"threads": 1}
+    assert merge_tables([a, b])["config"]["environment"] == {"threads": 1}
     md = (tmp_path / "m" / "table.md").read_text()
     assert "class 1 | class 4" in md and "51.5 ± 0.7" in md and "54.5 ± 0.7" in md
     with pytest.raises(ConfigError, match="methods"):
@@ -179,17 +185,19 @@ def test_merge_tables_joins_classes_and_refuses_mismatches(tmp_path, capsys):
 
 
 def test_table_jobs_gives_the_records_of_one_process(tmp_path, capsys):
-    """--jobs 2 computes the classes in two processes; the records are those of --jobs 1 but for the seconds,
-    and the table keeps one command; --jobs 0 is refused."""
+    """--jobs 2 computes the classes in two processes; the records are those of --jobs 1 but for the seconds
+    (with two threads too: each worker once got half of them, and other numbers), the table keeps one command
+    and records the thread count; --jobs 0 is refused."""
     base = ["table", "digits", "--classifier", "digits", "--forget", "1", "8", "--seeds", "1", "--methods", "finetune", "el2",
             "--iters", "10", "--adapt-iters", "10", "--k", "2", "--n-samples", "1000", "--n-eval", "200", "--quiet",
-            "--device", "cpu"]
+            "--device", "cpu", "--threads", "2"]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     assert main([*base, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
     one, two = (json.loads((tmp_path / d / "table.json").read_text()) for d in ("one", "two"))
     drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
     assert two["classes"] == [1, 8] and len(two["records"]) == len(one["records"]) == 8
     assert drop(two["records"]) == drop(one["records"])
+    assert one["config"]["environment"]["threads"] == 2 and one["config"]["environment"]["torch"] == torch.__version__
     assert "merged_from" not in two and isinstance(two["config"]["command"], str)  # one command, not one per process
     assert two["config"] == one["config"]  # (the command line: sys.argv, here pytest's)
     capsys.readouterr()

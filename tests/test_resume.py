@@ -29,7 +29,7 @@ ITERS, EVERY, KILL_AT = 12, 4, 10  # stage-2 steps, checkpoint interval, step (f
 def run_argv(gan_dir, out, *extra) -> list[str]:
     return ["run", str(gan_dir), "--bold", "50", "--method", "el2", "--n-samples", "200", "--n-eval", "20",
             "--adapt-iters", "2", "--iters", str(ITERS), "--checkpoint-every", str(EVERY), "--real", "none",
-            "--device", "cpu", "--quiet", "--out", str(out), *map(str, extra)]
+            "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out), *map(str, extra)]  # (one thread in the killed subprocess too)
 
 
 def metrics_without_times(run_dir: Path) -> dict:
@@ -178,6 +178,9 @@ def test_resume_with_other_settings_is_refused(gan_dir, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "belongs to a run with other settings (differ: config.unlearn.gamma)" in err and "without --resume" in err
     assert (tmp_path / "run.partial" / "unlearn" / "card.json").is_file()  # kept for a correct --resume
+    # the thread count changes the numbers: a resume on another one would match neither run
+    assert cli.main(run_argv(gan_dir, out, "--resume", "--threads", "2")) == 2
+    assert "(differ: threads)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
