@@ -63,13 +63,17 @@ def _percentile(text: str) -> float:
 DEFAULT_THREADS = 2  # fixed, not the machine's core count: the thread count changes the last digits of a result
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on Linux)
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """``--threads`` when not given: 2, or 1 where only one core is available."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # (not on Linux)
-        cores = os.cpu_count() or 1
-    return min(DEFAULT_THREADS, cores)
+    return min(DEFAULT_THREADS, available_cores())
 
 
 def environment(device) -> dict:
@@ -791,9 +795,9 @@ def _main(args) -> int:
                 args.threads = default_threads() if not (isinstance(jobs, int) and jobs > 1) else 1
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-            if isinstance(jobs, int) and jobs > 1 and jobs * args.threads > (os.cpu_count() or 1):
+            if isinstance(jobs, int) and jobs > 1 and jobs * args.threads > available_cores():
                 warnings.warn(f"--jobs {jobs} with --threads {args.threads} runs {jobs * args.threads} threads on "
-                              f"{os.cpu_count()} cores: oversubscribed cores can run 10-30x slower (--threads 1 is "
+                              f"{available_cores()} cores: oversubscribed cores can run 10-30x slower (--threads 1 is "
                               "the usual choice with --jobs; the records depend on the thread count)")
             torch.set_num_threads(args.threads)
         import_architectures(getattr(args, "imports", []))
