@@ -49,7 +49,16 @@ def png_bytes(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> 
     return buf.getvalue()
 
 
-class SamplePicker:
+class _Shown:
+    """Displays ``self.widget`` where widgets render, and ``repr(self)`` (a hint) where they do not."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+
+class SamplePicker(_Shown):
     """A grid of samples, each an image over a toggle button; toggled = negative (to forget).
 
     Arguments:
@@ -169,13 +178,8 @@ class SamplePicker:
         return (f"SamplePicker: {len(self.selected)} of {len(self.images)} samples selected as negative "
                 "(no clickable grid here? this frontend does not show ipywidgets: select with picker.select([...]))")
 
-    def _repr_mimebundle_(self, include=None, exclude=None):  # the grid where widgets render, a hint where not
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
-        bundle["text/plain"] = repr(self)
-        return bundle
 
-
-class GammaExplorer:
+class GammaExplorer(_Shown):
     """A slider over gamma for ``theta(gamma) = theta_N + gamma (theta_G - theta_N)`` that redraws
     the **same** latents at every position.
 
@@ -233,11 +237,6 @@ class GammaExplorer:
     def __repr__(self) -> str:
         return (f"GammaExplorer at gamma = {self.slider.value:.2f} (no slider here? this frontend does not show "
                 "ipywidgets: call explorer.draw(gamma) and show_grid(explorer.images))")
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget._repr_mimebundle_(include=include, exclude=exclude)
-        bundle["text/plain"] = repr(self)
-        return bundle
 
 
 def show_grid(images: torch.Tensor, title: str | None = None, nrow: int | None = None, ax=None, scale: int = 1):

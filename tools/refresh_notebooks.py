@@ -84,15 +84,16 @@ def clean_output(out: dict, execution_count=None) -> dict:
 def apply_policy(nb, executed=None):
     """Strip ``nb`` to the policy; with ``executed`` (same cells, run), checked cells take its outputs."""
     nb.metadata = {k: v for k, v in nb.metadata.items() if k in KEEP_NB_METADATA}
+    ran_cells = own_cells(executed) if executed is not None else None
     for i, cell in enumerate(nb.cells):
         tags = cell.get("metadata", {}).get("tags", [])
         cell.metadata = {"tags": tags} if tags else {}
         if cell.cell_type != "code":
             continue
         if is_checked(cell) and executed is not None:
-            ran = own_cells(executed)[i]
+            ran = ran_cells[i]
             if ran.source != cell.source:
-                raise SystemExit(f"cell {i} of the executed notebook differs from the source; was a parameters cell injected?")
+                raise SystemExit(f"cell {i} of the executed notebook differs from the source: not the same notebook")
             # nbval needs an execution count on cells with outputs; a top-to-bottom run makes it stable
             cell.execution_count = ran.execution_count
             cell.outputs = [clean_output(o, ran.execution_count) for o in ran.outputs]
