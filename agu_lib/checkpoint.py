@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
+from .errors import AguError, CheckpointError, ConfigError
 from .models import ARCHITECTURES, GAN, build_gan
 
 FORMAT_VERSION = 1
@@ -275,14 +275,101 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
 # GANs
 
 
+class _TooLarge(ConfigError):
+    """A build refused for its size: far more parameters than the weights beside it could hold."""
+
+
+def _build_limited(arch: str, latent_dim: int, shape, arch_kwargs: dict, nbytes: int, conventions: dict | None = None,
+                   provenance: dict | None = None, on_meta: bool = False) -> GAN:
+    """A GAN of ``arch`` on the CPU (on the meta device if ``on_meta``), refused with ``_TooLarge`` when it
+    has far more parameters than ``nbytes`` bytes of weights could hold: a card must not make us allocate
+    terabytes. The size comes from a build on the meta device (shapes only, no memory). A builder that
+    cannot run there (one that reads tensor values while building: ``.item()``, ``int(t)``, ``.tolist()``)
+    is built on the CPU and measured after: the user's own code, which could allocate anything anyway."""
+    conventions = conventions or {}
+    limit = 16 * nbytes + 10**7  # far more than the weights could hold (the exact check comes after loading)
+    try:
+        with torch.device("meta"):
+            gan = build_gan(arch, latent_dim, shape, **conventions, **arch_kwargs)
+    except Exception:  # noqa: BLE001 (the CPU build below raises the builder's own error, if it has one)
+        gan = None
+    cpu = gan is None
+    if cpu:
+        gan = build_gan(arch, latent_dim, shape, provenance=provenance, **conventions, **arch_kwargs)
+    numel = sum(p.numel() for p in gan.parameters())
+    if numel > limit:
+        raise _TooLarge(f"it has {numel:,} parameters but the weights hold only {nbytes:,} bytes")
+    if cpu or on_meta:
+        return gan
+    return build_gan(arch, latent_dim, shape, provenance=provenance, **conventions, **arch_kwargs)
+
+
+def _error_text(e: Exception) -> str:
+    """One line for an error of a builder: agu's own message as it is, any other with its type."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if isinstance(e, AguError) else f"{type(e).__name__}: {text}"
+
+
+def _conventions(gan: GAN) -> dict:
+    """The GAN's ``latent_shape`` and ``output_range``, as ``build_gan`` takes them (where they are not the
+    defaults they wrap the builder's modules, and so change their state-dict keys)."""
+    return {"latent_shape": gan.latent_shape, "output_range": gan.output_range}
+
+
+def _card_conventions(card: dict) -> dict:
+    """``latent_shape`` and ``output_range`` as a card gives them (older cards: the defaults), for ``build_gan``."""
+    shape = card.get("latent_shape")
+    return {"latent_shape": tuple(shape) if isinstance(shape, list) else shape,
+            "output_range": tuple(card.get("output_range", (-1.0, 1.0)))}
+
+
+def _first_difference(own: torch.nn.Module, built: torch.nn.Module) -> str | None:
+    """The first state-dict key whose shape differs between two modules (or that one lacks), with both
+    shapes; None when all keys and shapes agree."""
+    mine = {k: tuple(v.shape) for k, v in own.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    for key in [*mine, *(k for k in theirs if k not in mine)]:
+        if mine.get(key) != theirs.get(key):
+            return f"{key} is {_shape_text(mine.get(key))} in the GAN but {_shape_text(theirs.get(key))} when rebuilt"
+    return None
+
+
+def _shape_text(shape: tuple | None) -> str:
+    """A state-dict entry's shape in a message (``None``: the entry is not there)."""
+    return "absent" if shape is None else f"of shape {shape}"
+
+
+def _check_rebuilds(gan: GAN) -> None:
+    """Refuse (ConfigError) a GAN whose modules are not what its ``arch`` and ``arch_kwargs`` build: its
+    checkpoint would not load. Compares the state-dict keys and shapes of G and D with a rebuild on the
+    meta device (on the CPU for a builder that cannot run there), without touching the random state."""
+    weights = (t for m in (gan.generator, gan.discriminator) for t in m.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in weights)
+    fix = (f"arch_kwargs must be the arguments the modules were built with: g, d = builder(latent_dim, image_shape, "
+           f"**arch_kwargs) for the builder registered as {gan.arch!r}; nothing was saved")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            built = _build_limited(gan.arch, gan.latent_dim, gan.image_shape, gan.arch_kwargs, nbytes,
+                                   _conventions(gan), on_meta=True)
+    except Exception as e:  # noqa: BLE001 (the user's builder: any error, one line)
+        raise ConfigError(f"this GAN cannot be saved: architecture {gan.arch!r} with its arch_kwargs {gan.arch_kwargs} "
+                          f"does not build modules like its own ({_error_text(e)}). {fix}") from None
+    for name in ("generator", "discriminator"):
+        diff = _first_difference(getattr(gan, name), getattr(built, name))
+        if diff:
+            raise ConfigError(f"this GAN cannot be saved: its {name} is not what architecture {gan.arch!r} builds with "
+                              f"arch_kwargs {gan.arch_kwargs} ({diff}), so load_gan could not load it. {fix}")
+
+
 def save_gan(gan: GAN, path, step: int | None = None, extra: dict | None = None) -> Path:
     """Save ``gan`` as a GAN directory at ``path`` (atomically). The GAN must have a registered
-    ``arch`` so it can be rebuilt. Returns the path."""
+    ``arch`` that rebuilds its modules from ``arch_kwargs`` (checked first). Returns the path."""
     if gan.arch is None or gan.arch not in ARCHITECTURES:
         raise CheckpointError(
             "this GAN has no registered architecture, so it could not be rebuilt from the saved tensors; "
             "register one with agu_lib.register_architecture(name, builder) and build the GAN with it"
         )
+    _check_rebuilds(gan)
     card = {
         "format": "agu-gan",
         "arch": gan.arch,
@@ -290,11 +377,23 @@ def save_gan(gan: GAN, path, step: int | None = None, extra: dict | None = None)
         "latent_dim": gan.latent_dim,
         "image_shape": list(gan.image_shape),
         "output_range": list(gan.output_range),
+        **({"latent_shape": list(gan.latent_shape)} if gan.latent_shape is not None else {}),
         "provenance": gan.provenance,
         "step": step,
         **(extra or {}),
     }
     return save_tensor_dir(path, {"generator": _state(gan.generator), "discriminator": _state(gan.discriminator)}, card)
+
+
+def _unbuildable(path: Path, card: dict, e: Exception) -> str:
+    """The message for a card whose architecture fails to build with its arch_kwargs: agu's own builders
+    are right, so their card was edited; a user's builder may also have changed since the GAN was saved."""
+    if getattr(ARCHITECTURES[card["arch"]], "__module__", "").startswith("agu_lib."):
+        return f"{path}/card.json describes a GAN that cannot be built: {_error_text(e)}; re-create the checkpoint"
+    return (f"{path}: architecture {card['arch']!r} fails to build with the arch_kwargs {card['arch_kwargs']} of its "
+            f"card.json ({_error_text(e)}). Check that the builder registered as {card['arch']!r} is the one the GAN "
+            "was saved with and that it builds with these arguments; if card.json was edited, restore it or re-create "
+            "the checkpoint")
 
 
 def load_gan(path_or_name, device="cpu") -> GAN:
@@ -318,15 +417,15 @@ def load_gan(path_or_name, device="cpu") -> GAN:
             f"image_shape three positive integers (got {str(card['arch_kwargs'])[:60]}, {latent_dim!r}, {str(shape)[:60]}); "
             "re-create the checkpoint"
         )
+    files = [path / f for f in ("generator.safetensors", "discriminator.safetensors")]
+    sizes = sum(f.stat().st_size for f in files if f.is_file())
     try:
-        with torch.device("meta"):  # shapes only, no memory: a card must not make us allocate terabytes
-            numel = sum(p.numel() for p in build_gan(card["arch"], latent_dim, shape, **card["arch_kwargs"]).parameters())
-        sizes = sum((path / f).stat().st_size for f in ("generator.safetensors", "discriminator.safetensors") if (path / f).is_file())
-        if numel > 16 * sizes + 10**7:  # far more than the files could hold (the exact check comes after loading)
-            raise ConfigError(f"it has {numel:,} parameters but the weight files hold only {sizes:,} bytes")
-        gan = build_gan(card["arch"], latent_dim, shape, provenance=card.get("provenance"), **card["arch_kwargs"])
-    except (ConfigError, RuntimeError, ValueError, TypeError, OverflowError) as e:
+        gan = _build_limited(card["arch"], latent_dim, shape, card["arch_kwargs"], sizes, _card_conventions(card),
+                             provenance=card.get("provenance"))
+    except _TooLarge as e:  # a card that does not fit its weight files: edited, most likely
         raise CheckpointError(f"{path}/card.json describes a GAN that cannot be built: {e}; re-create the checkpoint") from None
+    except Exception as e:  # noqa: BLE001 (the user's builder: any error, one line)
+        raise CheckpointError(_unbuildable(path, card, e)) from None
     load_state_checked(gan.generator, load_tensor_file(path, card, "generator.safetensors"), f"{path}/generator.safetensors")
     load_state_checked(gan.discriminator, load_tensor_file(path, card, "discriminator.safetensors"), f"{path}/discriminator.safetensors")
     bad = [n for n, t in itertools.chain(gan.generator.state_dict().items(), gan.discriminator.state_dict().items())

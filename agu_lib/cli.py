@@ -529,6 +529,8 @@ def cmd_evaluate(args) -> None:
     unknown = [m for m in args.metrics or [] if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    _refuse_other_stage(args, STAGE1_ONLY + STAGE2_ONLY, "evaluate", "they are training settings (agu run, adapt, "
+                        "unlearn); agu evaluate measures a GAN as it is")
     device = pick_device(args.device)
     gan, clf = _load_pair(args, device)
     oracle = _oracle(args, gan, clf)

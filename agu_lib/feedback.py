@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, FeedbackError
-from .models import evaluating
+from .models import check_gan, evaluating
 
 
 class ClassifierOracle:
@@ -115,6 +115,7 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     """
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ConfigError(f"n_samples must be a positive integer, got {n_samples!r}")
+    check_gan(gan)  # one small batch first: a GAN that does not fit agu's conventions says so here
     z = gan.sample_latents(n_samples, seed)  # as gan.sample, keeping the latents
     with evaluating(gan):  # each latent's image on its own, whatever the batch (batch norm)
         x = torch.cat([gan.generate(zb) for zb in z.split(batch_size)]).cpu()

@@ -101,19 +101,25 @@ def fisher_diagonal_layers(generator: nn.Module, discriminator: nn.Module, z: to
         bias:    sum_n delta_n^2  (Conv2d: delta_n summed over positions first)
 
     delta comes from one backward of sum_n D(G(z_n)) over the chunk (samples are independent).
-    Returns None when the generator has other parameterised layers or reuses a layer.
+    Returns None when the generator has other parameterised layers, reuses a layer or shares a weight.
     """
     params = [p for p in generator.parameters() if p.requires_grad]
     layers: dict[nn.Module, None] = {}
     for m in generator.modules():
         if any(p.requires_grad for p in m.parameters(recurse=False)):
             layers[m] = None
+    owners = [id(p) for m in layers for p in m.parameters(recurse=False) if p.requires_grad]
+    if len(owners) != len(set(owners)):
+        return None  # a weight shared by two layers: its gradient is their sum, not two separate ones
     for m in layers:
         if isinstance(m, nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 return None
         elif not isinstance(m, nn.Linear):
             return None
+        own = {id(p) for p in m.parameters(recurse=False) if p.requires_grad}
+        if not own <= {id(m.weight), id(m.bias) if m.bias is not None else None}:
+            return None  # the forward uses a weight computed from other parameters (old spectral_norm hooks)
     totals = {p: torch.zeros_like(p) for p in params}
     for zc in z.split(chunk):
         seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (layer, input, output)

@@ -9,15 +9,17 @@ not Inception's: no Inception weights are available offline. Every output names 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .data import check_images
 from .errors import ConfigError, TrainingError
 from .losses import flatten_params
-from .models import GAN, evaluating, generator_params
+from .models import GAN, check_gan, evaluating, generator_params
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -129,6 +131,15 @@ class EvalContext:
 FLOOR_SEED_OFFSET = 2**20  # latents of metric "floor": far from every other seed agu draws with (training.MAX_SEED)
 
 
+def check_real_images(images: torch.Tensor, image_shape) -> None:
+    """Real images for FID must be ``(n, *image_shape)`` in [-1, 1], as G's (``DataError`` otherwise); all of
+    them >= 0 is the mark of [0, 1] images (ToTensor's range): a warning, as their FID would be wrong."""
+    check_images(images, image_shape, "real_images")
+    if len(images) and float(images.min()) >= 0:
+        warnings.warn(f"real_images all lie in [{float(images.min()):.3g}, {float(images.max()):.3g}]: agu's images are in "
+                      "[-1, 1]; if these are [0, 1] images, pass 2 * x - 1, or FID and precision/recall are wrong", stacklevel=3)
+
+
 def make_context(
     original: GAN,
     oracle: Callable,
@@ -144,6 +155,11 @@ def make_context(
     data's features once. ``real_images``: real data **without** the forgotten class."""
     if n_eval < 10:
         raise ConfigError(f"n_eval must be at least 10, got {n_eval}")
+    for gan in (original, retrained):
+        if gan is not None:
+            check_gan(gan)
+    if real_images is not None:
+        check_real_images(real_images, original.image_shape)
     z = original.sample_latents(n_eval, seed=seed, device="cpu")
     x = generate_batched(original, z)
     ctx = EvalContext(original, oracle, z, classifier, [int(c) for c in forget], retrained=retrained, adapted=list(adapted or []))

@@ -156,13 +156,24 @@ ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, nn.Module]]] = {
     "dcgan": build_dcgan,
     "mlp": build_mlp,
 }
+BUILT_IN = dict(ARCHITECTURES)  # agu's own: register_architecture does not replace them
 
 
 def register_architecture(name: str, builder: Callable[..., tuple[nn.Module, nn.Module]]) -> None:
     """Make a user architecture known by name, so GANs built from it can be saved and loaded.
 
     ``builder(latent_dim, image_shape, **arch_kwargs)`` must return ``(generator, discriminator)``.
+    Registering a name again replaces its builder, but not agu's own (``dcgan``, ``mlp``: the shipped
+    GANs and imported checkpoints are built with them).
     """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"an architecture's name must be a non-empty string, got {name!r}")
+    if not callable(builder):
+        raise ConfigError(f"the builder of architecture {name!r} must be callable, builder(latent_dim, image_shape, "
+                          f"**arch_kwargs) -> (generator, discriminator); got a {type(builder).__name__}")
+    if name in BUILT_IN and builder is not BUILT_IN[name]:
+        raise ConfigError(f"{name!r} is one of agu's own architectures ({', '.join(BUILT_IN)}): the shipped GANs are built "
+                          "with it; register yours under another name")
     ARCHITECTURES[name] = builder
 
 
@@ -173,7 +184,9 @@ IMPORTED: list[str] = []
 def import_architectures(specs) -> None:
     """Import the Python files (``path/to/my_gan.py``) or modules (``my_package.gans``) that register
     user architectures (``agu --import``). A file is imported as a module named after its stem, so
-    that GANs of its classes can be sent to worker processes, which import the same files first."""
+    that GANs of its classes can be sent to worker processes, which import the same files first; its
+    folder goes first on ``sys.path`` (as ``python my_gan.py`` would put it) and stays there, so the file
+    can import its sibling modules, then or later (worker processes start with the parent's ``sys.path``)."""
     import importlib
     import importlib.util
     import sys
@@ -188,6 +201,9 @@ def import_architectures(specs) -> None:
                 if not path.is_file():
                     raise FileNotFoundError(f"no such file: {path}")
                 name = path.stem
+                folder = str(path.resolve().parent)
+                if folder not in sys.path:
+                    sys.path.insert(0, folder)
                 module_spec = importlib.util.spec_from_file_location(name, path.resolve())
                 module = importlib.util.module_from_spec(module_spec)
                 sys.modules[name] = module
@@ -236,30 +252,152 @@ def finetuning_mode(gan: GAN) -> GAN:
     return gan
 
 
-def _ends_in_sigmoid(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Sequential`` (possibly nested) whose last step is a sigmoid."""
-    while isinstance(module, nn.Sequential) and len(module) > 0:
-        module = module[-1]
-    return isinstance(module, nn.Sigmoid)
+def _final_sigmoid(module: nn.Module) -> str | None:
+    """Where ``module`` ends in an ``nn.Sigmoid``, its name in ``module`` (``""`` for the module itself,
+    ``"main.12"`` for pytorch/examples' DCGAN discriminator), else None. "Ends in": the last leaf module
+    registered is a sigmoid that is the last step of an ``nn.Sequential`` (or the module itself), the
+    pattern of every common discriminator that returns probabilities."""
+    if isinstance(module, nn.Sigmoid):
+        return ""
+    leaves = [(name, m) for name, m in module.named_modules() if not any(True for _ in m.children())]
+    if not leaves or not isinstance(leaves[-1][1], nn.Sigmoid):
+        return None
+    name = leaves[-1][0]
+    parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    last_step = isinstance(parent, nn.Sequential) and parent[-1] is leaves[-1][1]
+    return name if last_step else None
+
+
+def _drop_advice(name: str) -> str:
+    """The line that drops the sigmoid at ``name`` (see ``_final_sigmoid``) from a discriminator ``d``."""
+    if name == "":
+        return "give D's logits (the input of that sigmoid) instead"
+    parent, _, _ = name.rpartition(".")
+    if not parent:
+        return "d = nn.Sequential(*list(d)[:-1])"
+    path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parent.split("."))
+    return f"d{path} = d{path}[:-1]"
+
+
+def _check_conventions(latent_dim, latent_shape, output_range):
+    """``latent_dim`` as an int, ``latent_shape`` as a tuple (or None when it is ``(latent_dim,)``) and
+    ``output_range`` as two floats, or a ConfigError that says what to pass."""
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        hint = (f"; a generator that takes latents of shape {tuple(latent_dim)} needs latent_dim={math.prod(latent_dim)}, "
+                f"latent_shape={tuple(latent_dim)}" if isinstance(latent_dim, (tuple, list, torch.Size)) and latent_dim
+                and all(isinstance(s, int) and s > 0 for s in latent_dim) else "")
+        raise ConfigError(f"latent_dim must be a positive integer (the size of z), got {latent_dim!r}{hint}")
+    if latent_shape is not None:
+        shape = tuple(latent_shape) if isinstance(latent_shape, (tuple, list, torch.Size)) else None
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) \
+                or math.prod(shape) != latent_dim:
+            raise ConfigError(f"latent_shape must be a tuple of positive integers with latent_dim ({latent_dim}) elements "
+                              f"in all, e.g. ({latent_dim}, 1, 1); got {latent_shape!r}")
+        latent_shape = None if shape == (latent_dim,) else shape
+    try:
+        low, high = (float(v) for v in output_range)
+    except (TypeError, ValueError):
+        raise ConfigError(f"output_range must be (low, high), e.g. (0, 1), got {output_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(f"output_range must be two finite numbers, low < high, e.g. (0, 1); got {output_range!r}")
+    return latent_dim, latent_shape, (low, high)
+
+
+class Rescale(nn.Module):
+    """x -> scale * x + shift, no weights: maps images between a GAN's own output range and agu's [-1, 1]."""
+
+    def __init__(self, scale: float, shift: float):
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}, shift={self.shift:g}"
+
+
+def _adapted_generator(generator: nn.Module, latent_shape, output_range) -> nn.Module:
+    """``generator`` as agu calls it: z ``(N, latent_dim)`` in, images in [-1, 1] out (itself when it is so).
+
+        x_agu = 2 (x - low) / (high - low) - 1
+    """
+    steps = [nn.Unflatten(1, latent_shape)] if latent_shape is not None else []
+    steps.append(generator)
+    low, high = output_range
+    if (low, high) != (-1.0, 1.0):
+        steps.append(Rescale(2.0 / (high - low), -2.0 * low / (high - low) - 1.0))
+    return nn.Sequential(*steps) if len(steps) > 1 else generator
+
+
+def _adapted_discriminator(discriminator: nn.Module, output_range) -> nn.Module:
+    """``discriminator`` as agu calls it: images in [-1, 1] in (itself when it was trained on them).
+
+        x = low + (x_agu + 1) (high - low) / 2
+    """
+    low, high = output_range
+    if (low, high) == (-1.0, 1.0):
+        return discriminator
+    return nn.Sequential(Rescale((high - low) / 2.0, low + (high - low) / 2.0), discriminator)
+
+
+def _latent_advice(generator: nn.Module, z: torch.Tensor) -> str:
+    """What to do when ``generator`` fails on ``z`` ``(N, latent_dim)``: a convolutional generator that
+    takes ``(N, latent_dim, 1, 1)`` (as pytorch/examples' DCGAN) needs ``latent_shape``."""
+    n, d = z.shape
+    try:
+        generator(z.reshape(n, d, 1, 1))
+    except RuntimeError:
+        return "give the GAN its generator's latent size"
+    return (f"this generator takes latents of shape (N, {d}, 1, 1), as pytorch/examples' DCGAN does: say so with "
+            f"agu_lib.GAN(generator, discriminator, {d}, image_shape, latent_shape=({d}, 1, 1))")
+
+
+def _legacy_norms(gan: GAN) -> list[str]:
+    """Modules normalised by the old hook-based ``torch.nn.utils.spectral_norm`` / ``weight_norm``, whose
+    weight is recomputed into a plain attribute at every forward (it cannot be copied after a backward)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [f"{part}.{name}".rstrip(".") for part, module in (("generator", gan.generator), ("discriminator", gan.discriminator))
+            for name, m in module.named_modules()
+            if any(isinstance(h, (SpectralNorm, WeightNorm)) for h in m._forward_pre_hooks.values())]
 
 
 def check_gan(gan: GAN) -> None:
-    """One small batch through G and D before a stage trains them: G must give ``image_shape`` images
-    per latent and D one logit per image (``ConfigError`` otherwise). Warns when D looks like it returns
-    probabilities: every output on G's samples, on noise and on blank images lies in [0, 1] (a D
-    that ends in a sigmoid; agu's losses need raw logits)."""
+    """One small batch through G and D before a stage trains them (``ConfigError`` when it does not fit):
+    float32 weights, no hook-based spectral/weight norm, G gives ``image_shape`` images per latent
+    (channels first) inside its ``output_range``, D one logit per image. Warns when G's samples look
+    like [0, 1] images given as [-1, 1] ones, and when D looks like it returns probabilities: every
+    output on G's samples, on noise and on blank images lies in [0, 1] (agu's losses need raw logits)."""
     n, shape = 16, gan.image_shape
+    odd = sorted({str(t.dtype).replace("torch.", "") for t in gan.parameters() if t.dtype != torch.float32})
+    if odd:
+        raise ConfigError(f"agu trains and samples in float32, but this GAN has {', '.join(odd)} weights: convert them "
+                          "with gan.float() (or generator.float() and discriminator.float() before building the GAN)")
+    legacy = _legacy_norms(gan)
+    if legacy:
+        raise ConfigError(
+            f"{', '.join(legacy[:3])} use the old torch.nn.utils.spectral_norm / weight_norm hooks, which agu cannot copy "
+            "once they ran a backward: convert each such layer m with torch.nn.utils.remove_spectral_norm(m) (or "
+            "remove_weight_norm) and then torch.nn.utils.parametrizations.spectral_norm(m) (or weight_norm): same "
+            "weights, parametrised")
     with torch.no_grad(), evaluating(gan):
         device = gan.device
+        z = gan.sample_latents(n, seed=0, device=device)
         try:
-            x = gan.generator(gan.sample_latents(n, seed=0, device=device))
+            x = gan.generator(z)
         except RuntimeError as e:
             raise ConfigError(f"the generator fails on latents of shape ({n}, {gan.latent_dim}) (latent_dim {gan.latent_dim}): "
-                              f"{str(e).splitlines()[0]}; give the GAN its generator's latent size") from None
+                              f"{str(e).splitlines()[0]}; {_latent_advice(gan.generator, z)}") from None
         if x.numel() != n * math.prod(shape):
             raise ConfigError(f"the generator returns {tuple(x.shape)} for {n} latents, not {n} images of shape {shape} "
                               "(image_shape): give the GAN the image shape its generator makes")
+        if x.ndim == 4 and tuple(x.shape[1:]) != shape:
+            raise ConfigError(f"the generator returns images of shape {tuple(x.shape[1:])}, not image_shape {shape}: agu "
+                              "needs channels first, (N, C, H, W); if it makes (N, H, W, C), end it in a permute(0, 3, 1, 2)")
         x = x.reshape(n, *shape)
+        _check_range(x, gan.output_range)
         noise = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
         blank = torch.stack([torch.full(shape, v) for v in (-1.0, 1.0)]).to(device)
         outs = []
@@ -281,6 +419,27 @@ def check_gan(gan: GAN) -> None:
             "same), or the GAN will barely learn", stacklevel=1)
 
 
+RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
+
+
+def _check_range(x: torch.Tensor, output_range) -> None:
+    """G's images ``x`` (agu's [-1, 1] scale) must lie in the GAN's output range; all of them >= 0 on
+    the [-1, 1] convention is the mark of a [0, 1] generator (a warning: the scores would be wrong)."""
+    low, high = output_range
+    lo, hi = float(x.min()), float(x.max())
+    to_own = lambda v: low + (v + 1) * (high - low) / 2
+    if lo < -1 - 2 * RANGE_SLACK or hi > 1 + 2 * RANGE_SLACK:
+        raise ConfigError(
+            f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}], outside its output range [{low:g}, {high:g}]: "
+            "agu's classifiers, metrics and losses need images inside it. End the generator in a tanh "
+            f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output_range")
+    if (low, high) == (-1.0, 1.0) and lo >= 0:
+        warnings.warn(
+            f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
+            "(a final sigmoid), say so with agu_lib.GAN(..., output_range=(0, 1)), or the classifiers and metrics "
+            "score them wrongly", stacklevel=1)
+
+
 # ----------------------------------------------------------------------------------------
 # The abstraction
 
@@ -298,6 +457,18 @@ class GAN(nn.Module):
         arch, arch_kwargs: the registered architecture that rebuilds these modules (needed to
             save the GAN); ``None`` for an ad-hoc pair that is only used in memory.
         provenance: free-form dict saved in the card (where the weights came from).
+        latent_shape: the shape of one latent as the generator takes it, when not ``(latent_dim,)``:
+            ``(100, 1, 1)`` for pytorch/examples' DCGAN. agu still draws z ``(N, latent_dim)``.
+        output_range: ``(low, high)`` of the generator's images when not ``(-1, 1)``, e.g. ``(0, 1)``
+            for a generator that ends in a sigmoid (its discriminator was trained on that range too).
+
+    Latents are z ~ N(0, I): the stages draw their batches so (``training.sample_latent_batch``),
+    whatever ``sample_latents`` a subclass defines.
+
+    With ``latent_shape`` or ``output_range``, ``gan.generator`` and ``gan.discriminator`` wrap the
+    modules given: ``nn.Sequential(nn.Unflatten(...), generator, <to [-1, 1]>)`` and
+    ``nn.Sequential(<back to [low, high]>, discriminator)``; the wrappers hold no weights. Load
+    pre-trained weights into your modules before building the GAN.
     """
 
     def __init__(
@@ -309,20 +480,25 @@ class GAN(nn.Module):
         arch: str | None = None,
         arch_kwargs: dict | None = None,
         provenance: dict | None = None,
+        latent_shape=None,
+        output_range=(-1.0, 1.0),
     ):
         super().__init__()
         if len(tuple(image_shape)) != 3:
             raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        if _ends_in_sigmoid(discriminator):
+        latent_dim, latent_shape, output_range = _check_conventions(latent_dim, latent_shape, output_range)
+        sigmoid = _final_sigmoid(discriminator)
+        if sigmoid is not None:
             raise ConfigError(
-                "the discriminator ends in nn.Sigmoid, but agu needs raw logits (its losses apply the sigmoid "
-                "themselves; with probabilities the GAN barely learns). Drop the last layer, e.g. "
-                "nn.Sequential(*list(d)[:-1]): the weights stay the same")
-        self.generator = generator
-        self.discriminator = discriminator
-        self.latent_dim = int(latent_dim)
+                f"the discriminator ends in nn.Sigmoid ({sigmoid}), but agu needs raw logits (its losses apply the "
+                "sigmoid themselves; with probabilities the GAN barely learns). Drop that layer, e.g. "
+                f"{_drop_advice(sigmoid)}: the weights stay the same")
+        self.latent_dim = latent_dim
+        self.latent_shape = latent_shape  # what the generator takes per sample, when not (latent_dim,)
+        self.output_range = output_range  # the range the generator makes; agu sees [-1, 1]
+        self.generator = _adapted_generator(generator, latent_shape, output_range)
+        self.discriminator = _adapted_discriminator(discriminator, output_range)
         self.image_shape = tuple(int(s) for s in image_shape)
-        self.output_range = (-1.0, 1.0)
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs or {})
         self.provenance = dict(provenance or {})
@@ -362,15 +538,18 @@ class GAN(nn.Module):
         return copy.deepcopy(self)
 
 
-def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, **arch_kwargs) -> GAN:
-    """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...)."""
+def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, *, latent_shape=None,
+              output_range=(-1.0, 1.0), **arch_kwargs) -> GAN:
+    """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...); ``latent_shape`` and
+    ``output_range`` as in ``GAN``."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
     try:
         g, d = ARCHITECTURES[arch](latent_dim=latent_dim, image_shape=tuple(image_shape), **arch_kwargs)
     except TypeError as e:
         raise ConfigError(f"bad arguments for architecture {arch!r}: {e}") from None
-    return GAN(g, d, latent_dim, image_shape, arch=arch, arch_kwargs=arch_kwargs, provenance=provenance)
+    return GAN(g, d, latent_dim, image_shape, arch=arch, arch_kwargs=arch_kwargs, provenance=provenance,
+               latent_shape=latent_shape, output_range=output_range)
 
 
 def generator_params(gan: GAN) -> list[torch.Tensor]:

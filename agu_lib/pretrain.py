@@ -120,7 +120,8 @@ def pretrain(
             raise ConfigError(f"training from scratch builds a fresh GAN of the same architecture, but this GAN's ({like.arch!r}) "
                               "is not registered: register its builder with agu_lib.register_architecture and give the GAN "
                               "arch= and arch_kwargs=")
-        gan = build_gan(like.arch, like.latent_dim, like.image_shape, **like.arch_kwargs).to(device)
+        gan = build_gan(like.arch, like.latent_dim, like.image_shape, latent_shape=like.latent_shape,
+                        output_range=like.output_range, **like.arch_kwargs).to(device)
     else:
         gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
     latent_dim = gan.latent_dim

@@ -529,6 +529,8 @@ def test_each_stage_command_refuses_the_other_stages_flags(gan_copy, tmp_path, c
     code, err = agu(capsys, "unlearn", gan_copy, "--bold", "50", "--out", tmp_path / "u", *TINY_UNLEARN, "--k", "3")
     assert code == 2 and "agu unlearn does not use --k" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "u").exists()
+    code, err = agu(capsys, "evaluate", gan_copy, "--bold", "50", "--n-eval", "20", "--iters", "5", "--gamma", "3")
+    assert code == 2 and "agu evaluate does not use --iters, --gamma" in err  # (were ignored without a word)
 
 
 def test_unlearn_names_the_adapted_gans_left_out(gan_copy, tmp_path, capsys):

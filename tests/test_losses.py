@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from agu_lib.losses import (
     d_logistic_loss,
@@ -79,3 +80,14 @@ def test_repulsion_gradient_points_away_from_anchor(repulsion):
     step = -theta.grad  # gradient descent moves along -grad
     away = (theta.detach() - anchors).mean(0)
     assert float(step @ away) > 0
+
+
+def test_the_fisher_of_a_weight_shared_by_two_layers_is_that_of_their_summed_gradient():
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.weight = a.weight  # tied: the layer-wise path would add the two layers' squared gradients
+    g = nn.Sequential(a, nn.ReLU(), b, nn.Tanh())
+    d = nn.Sequential(nn.Linear(8, 1))
+    z = torch.randn(20, 8)
+    reference = fisher_diagonal_loop(g, d, z)
+    assert torch.allclose(fisher_diagonal(g, d, z), reference, rtol=1e-4, atol=1e-9)

@@ -226,3 +226,145 @@ def test_the_cli_loads_a_registered_architecture_through_import(bn_gan, tmp_path
                      "--quiet", "--n-samples", "200", "--n-eval", "40", "--adapt-iters", "3", "--iters", "3", "--k", "1"])
     assert code == 0, capsys.readouterr().err
     assert load_gan(out / "unlearned").arch == "my-cli-gan"
+
+
+# ----------------------------------------------------------------------------------------
+# pytorch/examples' DCGAN conventions: (N, nz, 1, 1) latents, a discriminator module ending in a sigmoid,
+# [0, 1] generators, and the other ways a pre-trained pair can differ from agu's conventions
+
+
+class ExamplesG(nn.Module):
+    """pytorch/examples dcgan's generator at 12x12: ConvTranspose2d on latents (N, 6, 1, 1)."""
+
+    def __init__(self, last=None):
+        super().__init__()
+        self.main = nn.Sequential(nn.ConvTranspose2d(6, 8, 3, 1, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU(True),
+                                  nn.ConvTranspose2d(8, 1, 4, 4, 0, bias=False), last if last is not None else nn.Tanh())
+
+    def forward(self, z):
+        return self.main(z)
+
+
+class ExamplesD(nn.Module):
+    """pytorch/examples dcgan's discriminator: probabilities out of ``self.main``, flattened to (N,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(1, 8, 4, 4, 0), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, 1, 0), nn.Sigmoid())
+        self.inputs = None  # a list: the range of every batch D sees (not under vmap: the Fisher)
+
+    def forward(self, x):
+        if self.inputs is not None:
+            self.inputs.append((float(x.detach().min()), float(x.detach().max())))
+        return self.main(x).view(-1, 1).squeeze(1)
+
+
+def test_a_generator_of_4d_latents_is_told_about_latent_shape_and_runs_with_it():
+    torch.manual_seed(0)
+    d = ExamplesD()
+    with pytest.raises(ConfigError, match=r"nn.Sigmoid \(main.3\).*d.main = d.main\[:-1\]"):
+        agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(6, 1, 1))
+    d.main = d.main[:-1]
+    with pytest.raises(ConfigError, match=r"latent_dim=6, latent_shape=\(6, 1, 1\)"):
+        agu_lib.GAN(ExamplesG(), d, (6, 1, 1), SHAPE)
+    plain = agu_lib.GAN(ExamplesG(), d, 6, SHAPE)
+    with pytest.raises(ConfigError, match=r"takes latents of shape \(N, 6, 1, 1\).*latent_shape=\(6, 1, 1\)"):
+        collect(plain, bright, 64, seed=0)  # (was torch's RuntimeError from the first batch)
+    gan = agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(6, 1, 1))
+    assert gan.generate(gan.sample_latents(3)).shape == (3, *SHAPE)
+    fb = collect(gan, bright, 200, seed=0)
+    adapted = adapt(gan, fb.negatives, AdaptConfig(iters=3, n_models=1, batch_size=8), progress=False).models
+    out = unlearn(gan, fb, adapted, UnlearnConfig(iters=3, batch_size=16), progress=False).gan
+    assert out.sample(4).shape == (4, *SHAPE) and out.latent_shape == (6, 1, 1)
+    with pytest.raises(ConfigError, match="latent_shape must be"):
+        agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(5, 1, 1))
+
+
+def test_a_zero_one_generator_is_warned_about_and_runs_with_its_output_range():
+    torch.manual_seed(0)
+    d = ExamplesD()
+    d.main = d.main[:-1]
+    as_if = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1))
+    with pytest.warns(UserWarning, match=r"output_range=\(0, 1\)"):
+        check_gan(as_if)
+    gan = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1), output_range=(0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # in range, on agu's scale: no warning
+        check_gan(gan)
+    with torch.no_grad(), evaluating(gan):
+        native = gan.generator[1](gan.sample_latents(50).reshape(50, 6, 1, 1))  # the module given, in its own range
+    x = gan.sample(50)
+    assert torch.allclose(x, native * 2 - 1, atol=1e-6) and float(x.min()) < 0  # agu sees [-1, 1]
+    d.inputs = []
+    fb = collect(gan, bright, 200, seed=0)
+    unlearn(gan, fb, None, UnlearnConfig(method="finetune", iters=2, batch_size=16, negative_source="flagged"), progress=False)
+    assert d.inputs and all(lo >= 0 and hi <= 1 for lo, hi in d.inputs)  # D sees its own [0, 1] images
+    wrong = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1), output_range=(-1, 0))
+    with pytest.raises(ConfigError, match=r"outside its output range \[-1, 0\]"):
+        check_gan(wrong)
+    with pytest.raises(ConfigError, match="output_range must be"):
+        agu_lib.GAN(ExamplesG(), d, 6, SHAPE, output_range=(1, 0))
+
+
+def test_a_generator_without_a_final_tanh_is_refused_before_its_samples_are():
+    torch.manual_seed(0)
+    loose = agu_lib.GAN(nn.Sequential(nn.Linear(6, 144), nn.Unflatten(1, SHAPE)), bn_discriminator(), 6, SHAPE)
+    with pytest.raises(ConfigError, match=r"outside its output range \[-1, 1\].*Hardtanh"):
+        collect(loose, bright, 64, seed=0)  # (adapt refused the GAN's own negatives with advice about 0..255)
+
+
+def test_float64_channels_last_and_old_spectral_norm_are_refused_with_the_fix(bn_gan):
+    double = agu_lib.GAN(BNGenerator().double(), bn_discriminator().double(), 6, SHAPE)
+    with pytest.raises(ConfigError, match=r"float64 weights.*gan.float\(\)"):
+        check_gan(double)
+
+    class HWC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 48)
+
+        def forward(self, z):
+            return torch.tanh(self.fc(z)).view(-1, 4, 4, 3)
+
+    hwc = agu_lib.GAN(HWC(), nn.Sequential(nn.Flatten(), nn.Linear(48, 1)), 6, (3, 4, 4))
+    with pytest.raises(ConfigError, match=r"\(4, 4, 3\), not image_shape \(3, 4, 4\).*permute"):
+        check_gan(hwc)  # (was reshaped silently: scrambled pixels)
+    old = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.spectral_norm(nn.Linear(144, 1))), 6, SHAPE)
+    with pytest.raises(ConfigError, match=r"discriminator.1 use the old.*parametrizations.spectral_norm"):
+        adapt(old, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1), progress=False)
+    new = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.parametrizations.spectral_norm(nn.Linear(144, 1))),
+                      6, SHAPE)
+    adapt(new, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1, batch_size=8), progress=False)
+
+
+def test_real_images_in_the_wrong_range_are_named(bn_gan):
+    real = torch.rand(40, *SHAPE)  # [0, 1]: ToTensor's range
+    with pytest.warns(UserWarning, match=r"2 \* x - 1"):
+        make_context(bn_gan, bright, n_eval=20, real_images=real)
+    with pytest.raises(agu_lib.errors.DataError, match="x / 127.5 - 1"):
+        make_context(bn_gan, bright, n_eval=20, real_images=real * 255)
+
+
+def test_latent_shape_and_output_range_are_saved_and_restored(tmp_path):
+    def build_examples(latent_dim, image_shape):
+        d = ExamplesD()
+        d.main = d.main[:-1]
+        return ExamplesG(nn.Sigmoid()), d
+
+    agu_lib.register_architecture("test-examples", build_examples)
+    try:
+        torch.manual_seed(0)
+        gan = agu_lib.build_gan("test-examples", 6, SHAPE, latent_shape=(6, 1, 1), output_range=(0, 1))
+        loaded = load_gan(save_gan(gan, tmp_path / "g"))
+        assert loaded.latent_shape == (6, 1, 1) and loaded.output_range == (0.0, 1.0)
+        assert torch.equal(loaded.sample(8), gan.sample(8))
+    finally:
+        agu_lib.models.ARCHITECTURES.pop("test-examples")
+
+
+def test_register_architecture_keeps_agus_own_and_wants_a_builder():
+    with pytest.raises(ConfigError, match="one of agu's own"):
+        agu_lib.register_architecture("dcgan", build_bn)  # (load_gan("digits") then failed as if its card were edited)
+    with pytest.raises(ConfigError, match="must be callable"):
+        agu_lib.register_architecture("test-not-callable", "build_bn")
+    assert agu_lib.load_gan("digits").arch == "dcgan"
