@@ -159,10 +159,27 @@ def cmd_import_gan(args) -> None:
 
     shape = parse_image_shape(args.image_shape)
     prov = {"source": args.source} if args.source else None
-    out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov)
+    try:
+        kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--arch-kwargs must be a JSON object, e.g. '{{\"ngf\": 64}}'; {e}") from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"--arch-kwargs must be a JSON object, e.g. '{{\"ngf\": 64}}', got {args.arch_kwargs!r}")
+    latent_shape = _numbers("--latent-shape", args.latent_shape, int, "100,1,1") if args.latent_shape else None
+    output_range = _numbers("--output-range", args.output_range, float, "0,1") if args.output_range else (-1.0, 1.0)
+    out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov,
+                     arch_kwargs=kwargs, latent_shape=latent_shape, output_range=output_range)
     gan = load_gan(out)
     print(f"imported {args.arch} GAN ({json.dumps(gan.arch_kwargs)}, latent_dim {gan.latent_dim}, "
           f"images {'x'.join(map(str, gan.image_shape))}) to {out}")
+
+
+def _numbers(flag: str, text: str, kind, example: str) -> tuple:
+    """``"100,1,1"`` -> ``(100, 1, 1)`` (``kind`` int or float), with an error that shows the expected form."""
+    try:
+        return tuple(kind(s) for s in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} must be numbers separated by commas, e.g. {example}; got {text!r}") from None
 
 
 def cmd_train_classifier(args) -> None:
@@ -736,7 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("import-gan", help="convert third-party G/D checkpoints into an agu GAN directory")
-    p.add_argument("--arch", required=True, choices=["mlp", "dcgan"], help="architecture of the foreign weights")
+    p.add_argument("--arch", required=True, help="architecture of the foreign weights: mlp, dcgan (agu's key names) or one "
+                   "you registered (--import my_gan.py): the files load as they are into its modules")
+    p.add_argument("--arch-kwargs", default=None, help="JSON arguments of your architecture's builder, e.g. '{\"ngf\": 64}'")
+    p.add_argument("--latent-shape", default=None, help="the generator's latent shape when not (latent_dim,), e.g. 100,1,1")
+    p.add_argument("--output-range", default=None, help="the generator's image range when not -1,1, e.g. 0,1")
     p.add_argument("--generator", required=True, help="generator checkpoint (torch.save file; tensors only)")
     p.add_argument("--discriminator", required=True, help="discriminator checkpoint (torch.save file; tensors only)")
     p.add_argument("--latent-dim", type=int, required=True, help="size of z the generator takes")

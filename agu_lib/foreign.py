@@ -33,7 +33,7 @@ import torch
 
 from .checkpoint import load_state_checked, save_gan, sha256_file
 from .errors import CheckpointError, ConfigError
-from .models import _upsampling_plan, build_gan
+from .models import ARCHITECTURES, _upsampling_plan, build_gan, check_gan
 
 #: keys under which checkpoints commonly wrap their state dict, tried in this order
 _WRAPPER_KEYS = {
@@ -154,11 +154,15 @@ def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, 
 
 
 def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, image_shape, out,
-               provenance: dict | None = None) -> Path:
+               provenance: dict | None = None, arch_kwargs: dict | None = None, latent_shape=None,
+               output_range=(-1.0, 1.0)) -> Path:
     """Turn a third-party generator/discriminator checkpoint pair into an agu GAN directory.
 
     Arguments:
-        arch: ``"mlp"`` (layer sizes read from the weights) or ``"dcgan"`` (agu's key names).
+        arch: ``"mlp"`` (layer sizes read from the weights), ``"dcgan"`` (agu's key names), or a
+            registered architecture (``register_architecture``): the files are loaded as they are into
+            the modules its builder makes with ``arch_kwargs`` (keys and shapes checked), and the GAN
+            gets ``latent_shape`` and ``output_range`` (as in ``GAN``) and is checked on one batch.
         generator_path, discriminator_path: the foreign files (``torch.save`` output).
         latent_dim: size of z the generator takes; checked against its first layer.
         image_shape: ``(C, H, W)`` of the images; checked against the weights.
@@ -177,8 +181,13 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
                           "(grayscale) or 3 (RGB): give C,H,W with the channels first, e.g. 1,28,28")
     if latent_dim < 1:
         raise ConfigError(f"latent_dim must be positive, got {latent_dim}")
-    if arch not in ("mlp", "dcgan"):
-        raise ConfigError(f"cannot import architecture {arch!r}; valid: dcgan, mlp")
+    own = arch not in ("mlp", "dcgan")
+    if own and arch not in ARCHITECTURES:
+        raise ConfigError(f"cannot import architecture {arch!r}: it is not registered; known: "
+                          f"{', '.join(sorted(ARCHITECTURES))}. Name the file that registers it: --import my_gan.py")
+    if not own and (arch_kwargs or latent_shape is not None or tuple(output_range) != (-1.0, 1.0)):
+        raise ConfigError(f"the {arch} import reads its sizes from the weights and follows agu's conventions: arch_kwargs, "
+                          "latent_shape and output_range are for a registered architecture of your own")
     if out.exists() and not (out / "card.json").is_file():
         raise CheckpointError(f"{out} exists and is not an agu checkpoint directory; choose another output path")
     g_sd, d_sd = _load_foreign(g_path, "generator"), _load_foreign(d_path, "discriminator")
@@ -195,9 +204,12 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
             "activations are not stored in weights; assumed G: ReLU between layers, tanh output; D: LeakyReLU(0.2)",
             "a final Sigmoid of the foreign discriminator (no parameters) is dropped: agu's D returns logits",
         ]
-    else:
+    elif arch == "dcgan":
         g_state, d_state = g_sd, d_sd
         arch_kwargs = _dcgan_kwargs(g_sd, d_sd, latent_dim, image_shape, g_path, d_path)
+    else:
+        g_state, d_state, arch_kwargs = g_sd, d_sd, dict(arch_kwargs or {})
+        notes.append(f"loaded as they are into the modules of architecture {arch!r} with arch_kwargs {arch_kwargs}")
 
     prov = {
         "imported_from": f"third-party {arch} checkpoints {g_path.name} (generator) and {d_path.name} "
@@ -210,9 +222,15 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
         **(provenance or {}),
     }
     try:
-        gan = build_gan(arch, latent_dim, image_shape, provenance=prov, **arch_kwargs)
+        gan = build_gan(arch, latent_dim, image_shape, provenance=prov, latent_shape=latent_shape, output_range=output_range,
+                        **arch_kwargs)
     except ConfigError as e:
-        raise CheckpointError(f"the weights do not fit an agu {arch}: {e}") from None
-    load_state_checked(gan.generator, g_state, f"{g_path} (generator)")
-    load_state_checked(gan.discriminator, d_state, f"{d_path} (discriminator)")
+        raise (ConfigError(f"architecture {arch!r}: {e}") if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
+    except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)
+        raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)")
+    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)")
+    if own:
+        check_gan(gan)  # one batch: latent shape, output range, one logit per image
     return save_gan(gan, out, extra={"imported": True})

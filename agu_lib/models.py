@@ -507,6 +507,19 @@ class GAN(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def given_generator(self) -> nn.Module:
+        """The generator module as it was given (``generator`` without the wrapper of ``latent_shape`` and
+        ``output_range``): its state dict has the keys of the pre-trained checkpoint."""
+        if self.latent_shape is None and self.output_range == (-1.0, 1.0):
+            return self.generator
+        return self.generator[0 if self.latent_shape is None else 1]
+
+    @property
+    def given_discriminator(self) -> nn.Module:
+        """The discriminator module as it was given (``discriminator`` without the ``output_range`` wrapper)."""
+        return self.discriminator if self.output_range == (-1.0, 1.0) else self.discriminator[1]
+
     def sample_latents(self, n: int, seed: int | None = 0, device=None) -> torch.Tensor:
         """``n`` latents ``(n, latent_dim)`` from N(0, I); drawn on the CPU with ``seed`` so the
         same seed gives the same latents on every device."""

@@ -4,6 +4,7 @@ with a latent size and image shape of its own, registered and used from the comm
 
 from __future__ import annotations
 
+import sys
 import textwrap
 import warnings
 
@@ -368,3 +369,59 @@ def test_register_architecture_keeps_agus_own_and_wants_a_builder():
     with pytest.raises(ConfigError, match="must be callable"):
         agu_lib.register_architecture("test-not-callable", "build_bn")
     assert agu_lib.load_gan("digits").arch == "dcgan"
+
+
+def test_import_gan_loads_pytorch_examples_checkpoints_into_a_registered_architecture(tmp_path, capsys):
+    """pytorch/examples' netG.pth / netD.pth (its D ends in a sigmoid, its G takes (N, nz, 1, 1)): a file
+    that registers the two classes (D without the sigmoid: same keys) turns them into a GAN directory."""
+    module = tmp_path / "examples_gan.py"
+    module.write_text(textwrap.dedent("""
+        import agu_lib
+        from torch import nn
+
+        class G(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.main = nn.Sequential(nn.ConvTranspose2d(6, 8, 3, 1, 0, bias=False), nn.BatchNorm2d(8), nn.ReLU(True),
+                                          nn.ConvTranspose2d(8, 1, 4, 4, 0, bias=False), nn.Tanh())
+
+            def forward(self, z):
+                return self.main(z)
+
+        class D(nn.Module):
+            def __init__(self, sigmoid=False):
+                super().__init__()
+                self.main = nn.Sequential(nn.Conv2d(1, 8, 4, 4, 0), nn.LeakyReLU(0.2), nn.Conv2d(8, 1, 3, 1, 0),
+                                          *([nn.Sigmoid()] if sigmoid else []))
+
+            def forward(self, x):
+                return self.main(x).view(-1, 1).squeeze(1)
+
+        def build(latent_dim, image_shape):
+            return G(), D()
+
+        agu_lib.register_architecture("examples-dcgan", build)
+    """))
+    torch.manual_seed(0)
+    g, d = ExamplesG(), ExamplesD()
+    torch.save(g.state_dict(), tmp_path / "netG.pth")
+    torch.save(d.state_dict(), tmp_path / "netD.pth")
+    base = ["import-gan", "--arch", "examples-dcgan", "--generator", str(tmp_path / "netG.pth"), "--discriminator",
+            str(tmp_path / "netD.pth"), "--latent-dim", "6", "--image-shape", "1,12,12", "--import", str(module)]
+    try:
+        assert cli.main([*base, "--out", str(tmp_path / "flat")]) == 2  # without --latent-shape: what to give
+        assert "latent_shape=(6, 1, 1)" in capsys.readouterr().err and not (tmp_path / "flat").exists()
+        assert cli.main([*base, "--latent-shape", "6,1,1", "--out", str(tmp_path / "gan")]) == 0, capsys.readouterr().err
+        gan = load_gan(tmp_path / "gan")
+        assert gan.latent_shape == (6, 1, 1) and gan.arch == "examples-dcgan"
+        with torch.no_grad():
+            g.eval()
+            assert torch.equal(gan.sample(5), g(gan.sample_latents(5).reshape(5, 6, 1, 1)))  # the weights, as trained
+        assert cli.main(["import-gan", "--arch", "nope", *base[3:], "--out", str(tmp_path / "x")]) == 2
+        assert "not registered" in capsys.readouterr().err
+    finally:
+        agu_lib.models.ARCHITECTURES.pop("examples-dcgan", None)
+        sys.modules.pop("examples_gan", None)
+        agu_lib.models.IMPORTED[:] = [s for s in agu_lib.models.IMPORTED if s != str(module)]
+        while str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
