@@ -23,6 +23,7 @@ from .training import (
     LossLog,
     TrainNets,
     adam,
+    as_device,
     augment,
     check_ema,
     check_int,
@@ -114,7 +115,7 @@ def adapt(
     if not isinstance(cfg, AdaptConfig):
         raise ConfigError(f"config must be an AdaptConfig, got {type(cfg).__name__} (e.g. AdaptConfig(**your_dict))")
     cfg.validate()
-    device = torch.device(device) if device is not None else gan.device
+    device = as_device(device) if device is not None else gan.device
     check_images(negatives, gan.image_shape, "negatives")
     if len(negatives) < 2:
         raise DataError(f"adapt needs at least 2 negatives, got {len(negatives)}; give more negative images "

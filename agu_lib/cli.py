@@ -28,11 +28,12 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return torch.device(name)
+    from .training import as_device
+
+    try:
+        return as_device(name)
+    except ConfigError as e:
+        raise ConfigError("--device: " + str(e).replace("use device='cpu'", "use --device cpu or auto")) from None
 
 
 def _seed(text: str) -> int:

@@ -34,7 +34,7 @@ from .feedback import Feedback, collect
 from .metrics import evaluate, make_context
 from .models import GAN, IMPORTED, import_architectures
 from .plotting import save_grid
-from .training import MAX_SEED, check_int, check_positive
+from .training import MAX_SEED, as_device, check_int, check_positive
 from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
 
 METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
@@ -164,7 +164,7 @@ def run(
     if (out / "metrics.json").is_file() and is_main_process():
         print(f"agu: {out} holds an earlier run; this run replaces it when it finishes (until then it stays as it is)",
               file=sys.stderr, flush=True)
-    device = torch.device(device)
+    device = as_device(device)
     gan = gan.to(device).eval()
     times: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -384,7 +384,7 @@ def table(
                           f"got classes {list(forget_classes)} and seeds {list(seeds)}")
     check_int("table: jobs", jobs)
     check_replaceable(out, "table")  # refuse a user's folder (or a GAN) now, not after hours of training
-    device = torch.device(device)
+    device = as_device(device)
     if jobs > 1 and len(forget_classes) > 1:
         if device.type != "cpu":
             raise ConfigError("--jobs runs classes in CPU processes side by side; on a GPU run them one after the other "

@@ -24,6 +24,7 @@ from .data import ImageSet
 from .errors import ConfigError, TrainingError
 from .losses import d_logistic_loss, d_r1_penalty, g_nonsaturating_loss
 from .models import ARCHITECTURES, GAN, build_gan, evaluating
+from .training import as_device
 
 
 @dataclass
@@ -109,7 +110,7 @@ def pretrain(
         raise ConfigError(f"ema_beta must be in [0, 1), got {cfg.ema_beta}")
     if classifier is not None:
         classifier.check_shape(dataset.image_shape)
-    device = torch.device(device)
+    device = as_device(device)
     t0 = time.perf_counter()
 
     # ---- setup: models, optimisers, fixed evaluation latents (all seeded)

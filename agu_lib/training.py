@@ -54,6 +54,21 @@ def sample_latent_batch(batch_size: int, latent_dim: int, gen: torch.Generator, 
     return to_device(shard_rows(torch.randn(batch_size, latent_dim, generator=gen)), device)
 
 
+def as_device(device) -> torch.device:
+    """``device`` (a name or ``torch.device``) as a ``torch.device`` this machine has (``ConfigError`` otherwise:
+    torch's own error on a CPU-only build is an AssertionError that does not say what to do)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for, but no CUDA GPU is available here (torch "
+                          f"{torch.__version__}); use device='cpu'")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {str(device)!r} was asked for, but MPS is not available here; use device='cpu'")
+    return device
+
+
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
     """Host -> device copy; on CUDA from pinned memory and asynchronous (a pageable copy would
     wait for the GPU to finish its queue: a host sync per step)."""

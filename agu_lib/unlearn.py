@@ -126,6 +126,7 @@ from .training import (
     LossLog,
     TrainNets,
     adam,
+    as_device,
     augment,
     autocast,
     check_ema,
@@ -525,7 +526,7 @@ def unlearn(
     adapted = [adapted] if isinstance(adapted, GAN) else list(adapted or [])
     cfg.validate(len(adapted))
     check_same_architecture(gan, adapted)
-    device = torch.device(device) if device is not None else gan.device
+    device = as_device(device) if device is not None else gan.device
     check_images(positives, gan.image_shape, "positives")
     if negatives is not None:
         check_images(negatives, gan.image_shape, "negatives")

@@ -425,3 +425,13 @@ def test_import_gan_loads_pytorch_examples_checkpoints_into_a_registered_archite
         agu_lib.models.IMPORTED[:] = [s for s in agu_lib.models.IMPORTED if s != str(module)]
         while str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_in_python(bn_gan):
+    with pytest.raises(ConfigError, match="no CUDA GPU is available here.*device='cpu'"):
+        adapt(bn_gan, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1), device="cuda", progress=False)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        unlearn(bn_gan, torch.zeros(32, *SHAPE), None, UnlearnConfig(method="finetune", iters=1, negative_weight=0,
+                                                                     preserve_weight=0, negative_latent_weight=0),
+                device="gpu", progress=False)
