@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import AguError, CheckpointError, ConfigError
-from .models import ARCHITECTURES, GAN, build_gan
+from .models import ARCHITECTURES, GAN, build_gan, check_gan
 
 FORMAT_VERSION = 1
 GAN_CARD_FIELDS = ("format", "version", "arch", "arch_kwargs", "latent_dim", "image_shape", "files")
@@ -247,8 +248,10 @@ def load_tensor_file(path: Path, card: dict, fname: str) -> dict[str, torch.Tens
         raise CheckpointError(f"{fpath} is not a readable safetensors file ({e})") from None
 
 
-def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """``module.load_state_dict(state)`` with a message naming missing/unexpected/misshapen keys."""
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+                       fix: str = "the card.json beside it was edited, or the files come from different checkpoints; "
+                                  "re-create the checkpoint") -> None:
+    """``module.load_state_dict(state)`` with a message naming missing/unexpected/misshapen keys and ``fix``."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -265,9 +268,7 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
             parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]))
-        raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts)
-                              + " (the card.json beside it was edited, or the files come from different checkpoints); "
-                              "re-create the checkpoint")
+        raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts) + f" ({fix})")
     module.load_state_dict(state)
 
 
@@ -370,6 +371,9 @@ def save_gan(gan: GAN, path, step: int | None = None, extra: dict | None = None)
             "register one with agu_lib.register_architecture(name, builder) and build the GAN with it"
         )
     _check_rebuilds(gan)
+    with warnings.catch_warnings():  # (the notes are for whoever samples or trains it)
+        warnings.simplefilter("ignore")
+        check_gan(gan)  # a GAN every stage would refuse is not saved either
     card = {
         "format": "agu-gan",
         "arch": gan.arch,

@@ -167,7 +167,7 @@ def cmd_import_gan(args) -> None:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ConfigError(f"--arch-kwargs must be a JSON object, e.g. '{{\"ngf\": 64}}', got {args.arch_kwargs!r}")
     latent_shape = _numbers("--latent-shape", args.latent_shape, int, "100,1,1") if args.latent_shape else None
-    output_range = _numbers("--output-range", args.output_range, float, "0,1") if args.output_range else (-1.0, 1.0)
+    output_range = _numbers("--output-range", args.output_range, float, "0,1") if args.output_range else None
     out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov,
                      arch_kwargs=kwargs, latent_shape=latent_shape, output_range=output_range)
     gan = load_gan(out)
@@ -547,8 +547,8 @@ def cmd_evaluate(args) -> None:
     unknown = [m for m in args.metrics or [] if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
-    _refuse_other_stage(args, STAGE1_ONLY + STAGE2_ONLY, "evaluate", "they are training settings (agu run, adapt, "
-                        "unlearn); agu evaluate measures a GAN as it is")
+    _refuse_other_stage(args, STAGE1_ONLY + STAGE2_ONLY, "evaluate", "training settings belong to agu run, adapt and "
+                        "unlearn; agu evaluate measures a GAN as it is")
     device = pick_device(args.device)
     gan, clf = _load_pair(args, device)
     oracle = _oracle(args, gan, clf)
@@ -758,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "you registered (--import my_gan.py): the files load as they are into its modules")
     p.add_argument("--arch-kwargs", default=None, help="JSON arguments of your architecture's builder, e.g. '{\"ngf\": 64}'")
     p.add_argument("--latent-shape", default=None, help="the generator's latent shape when not (latent_dim,), e.g. 100,1,1")
-    p.add_argument("--output-range", default=None, help="the generator's image range when not -1,1, e.g. 0,1")
+    p.add_argument("--output-range", default=None, help="the generator's image range when not -1,1, e.g. 0,1 (a negative "
+                   "low bound needs '=': --output-range=-1,1)")
     p.add_argument("--generator", required=True, help="generator checkpoint (torch.save file; tensors only)")
     p.add_argument("--discriminator", required=True, help="discriminator checkpoint (torch.save file; tensors only)")
     p.add_argument("--latent-dim", type=int, required=True, help="size of z the generator takes")

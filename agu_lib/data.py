@@ -293,7 +293,7 @@ def check_images(x, image_shape, what: str) -> None:
     if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
         raise DataError(f"{what} must be finite floating-point images in [-1, 1]")
     if len(x) and (float(x.min()) < -1.01 or float(x.max()) > 1.01):
-        raise DataError(f"{what} must lie in [-1, 1] (the GAN's range), got values from {float(x.min()):.3g} to "
+        raise DataError(f"{what} must lie in [-1, 1] (agu's image scale, whatever a GAN's own output_range), got values from {float(x.min()):.3g} to "
                         f"{float(x.max()):.3g}; images in 0..255 map to it by x / 127.5 - 1, in 0..1 by 2 x - 1")
 
 

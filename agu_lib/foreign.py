@@ -155,7 +155,7 @@ def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, 
 
 def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, image_shape, out,
                provenance: dict | None = None, arch_kwargs: dict | None = None, latent_shape=None,
-               output_range=(-1.0, 1.0)) -> Path:
+               output_range=None) -> Path:
     """Turn a third-party generator/discriminator checkpoint pair into an agu GAN directory.
 
     Arguments:
@@ -185,7 +185,7 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     if own and arch not in ARCHITECTURES:
         raise ConfigError(f"cannot import architecture {arch!r}: it is not registered; known: "
                           f"{', '.join(sorted(ARCHITECTURES))}. Name the file that registers it: --import my_gan.py")
-    if not own and (arch_kwargs or latent_shape is not None or tuple(output_range) != (-1.0, 1.0)):
+    if not own and (arch_kwargs or latent_shape is not None or output_range is not None):
         raise ConfigError(f"the {arch} import reads its sizes from the weights and follows agu's conventions: arch_kwargs, "
                           "latent_shape and output_range are for a registered architecture of your own")
     if out.exists() and not (out / "card.json").is_file():
@@ -225,12 +225,14 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
         gan = build_gan(arch, latent_dim, image_shape, provenance=prov, latent_shape=latent_shape, output_range=output_range,
                         **arch_kwargs)
     except ConfigError as e:
-        raise (ConfigError(f"architecture {arch!r}: {e}") if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
+        raise (ConfigError(str(e)) if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
     except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)
         raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)")
-    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)")
+    fix = (f"the files are not of architecture {arch!r} as its builder makes it with arch_kwargs {arch_kwargs}: give "
+           "the arguments the checkpoint was trained with (--arch-kwargs), or register the modules it holds") if own else None
+    load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", *([fix] if fix else []))
+    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)", *([fix] if fix else []))
     if own:
         check_gan(gan)  # one batch: latent shape, output range, one logit per image
     return save_gan(gan, out, extra={"imported": True})

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -279,18 +280,25 @@ def _drop_advice(name: str) -> str:
     return f"d{path} = d{path}[:-1]"
 
 
+def _positive_int(x) -> bool:
+    """Whether ``x`` is an integer >= 1 (Python's or numpy's; not a bool)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
+
+
 def _check_conventions(latent_dim, latent_shape, output_range):
     """``latent_dim`` as an int, ``latent_shape`` as a tuple (or None when it is ``(latent_dim,)``) and
     ``output_range`` as two floats, or a ConfigError that says what to pass."""
-    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+    if not _positive_int(latent_dim):
         hint = (f"; a generator that takes latents of shape {tuple(latent_dim)} needs latent_dim={math.prod(latent_dim)}, "
                 f"latent_shape={tuple(latent_dim)}" if isinstance(latent_dim, (tuple, list, torch.Size)) and latent_dim
-                and all(isinstance(s, int) and s > 0 for s in latent_dim) else "")
+                and all(_positive_int(s) for s in latent_dim) else "")
         raise ConfigError(f"latent_dim must be a positive integer (the size of z), got {latent_dim!r}{hint}")
+    latent_dim = int(latent_dim)
     if latent_shape is not None:
         shape = tuple(latent_shape) if isinstance(latent_shape, (tuple, list, torch.Size)) else None
-        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) \
-                or math.prod(shape) != latent_dim:
+        if shape and all(_positive_int(s) for s in shape):
+            shape = tuple(int(s) for s in shape)
+        if not shape or not all(_positive_int(s) for s in shape) or math.prod(shape) != latent_dim:
             raise ConfigError(f"latent_shape must be a tuple of positive integers with latent_dim ({latent_dim}) elements "
                               f"in all, e.g. ({latent_dim}, 1, 1); got {latent_shape!r}")
         latent_shape = None if shape == (latent_dim,) else shape
@@ -341,16 +349,19 @@ def _adapted_discriminator(discriminator: nn.Module, output_range) -> nn.Module:
     return nn.Sequential(Rescale((high - low) / 2.0, low + (high - low) / 2.0), discriminator)
 
 
-def _latent_advice(generator: nn.Module, z: torch.Tensor) -> str:
-    """What to do when ``generator`` fails on ``z`` ``(N, latent_dim)``: a convolutional generator that
+def _latent_advice(gan: GAN, z: torch.Tensor) -> str:
+    """What to do when the generator fails on ``z`` ``(N, latent_dim)``: a convolutional generator that
     takes ``(N, latent_dim, 1, 1)`` (as pytorch/examples' DCGAN) needs ``latent_shape``."""
     n, d = z.shape
     try:
-        generator(z.reshape(n, d, 1, 1))
+        gan.given_generator(z.reshape(n, d, 1, 1))
     except RuntimeError:
+        if gan.latent_shape is not None:
+            return f"check latent_shape {gan.latent_shape}: the generator fails on latents of that shape too"
         return "give the GAN its generator's latent size"
+    instead = f" instead of {gan.latent_shape}" if gan.latent_shape is not None else ""
     return (f"this generator takes latents of shape (N, {d}, 1, 1), as pytorch/examples' DCGAN does: say so with "
-            f"agu_lib.GAN(generator, discriminator, {d}, image_shape, latent_shape=({d}, 1, 1))")
+            f"latent_shape=({d}, 1, 1){instead} (agu_lib.GAN(...), or agu import-gan --latent-shape {d},1,1)")
 
 
 def _legacy_norms(gan: GAN) -> list[str]:
@@ -378,7 +389,7 @@ def check_gan(gan: GAN) -> None:
     legacy = _legacy_norms(gan)
     if legacy:
         raise ConfigError(
-            f"{', '.join(legacy[:3])} use the old torch.nn.utils.spectral_norm / weight_norm hooks, which agu cannot copy "
+            f"{', '.join(legacy[:3])} {'use' if len(legacy) > 1 else 'uses'} the old torch.nn.utils.spectral_norm / weight_norm hooks, which agu cannot copy "
             "once they ran a backward: convert each such layer m with torch.nn.utils.remove_spectral_norm(m) (or "
             "remove_weight_norm) and then torch.nn.utils.parametrizations.spectral_norm(m) (or weight_norm): same "
             "weights, parametrised")
@@ -389,7 +400,7 @@ def check_gan(gan: GAN) -> None:
             x = gan.generator(z)
         except RuntimeError as e:
             raise ConfigError(f"the generator fails on latents of shape ({n}, {gan.latent_dim}) (latent_dim {gan.latent_dim}): "
-                              f"{str(e).splitlines()[0]}; {_latent_advice(gan.generator, z)}") from None
+                              f"{str(e).splitlines()[0]}; {_latent_advice(gan, z)}") from None
         if x.numel() != n * math.prod(shape):
             raise ConfigError(f"the generator returns {tuple(x.shape)} for {n} latents, not {n} images of shape {shape} "
                               "(image_shape): give the GAN the image shape its generator makes")
@@ -397,7 +408,7 @@ def check_gan(gan: GAN) -> None:
             raise ConfigError(f"the generator returns images of shape {tuple(x.shape[1:])}, not image_shape {shape}: agu "
                               "needs channels first, (N, C, H, W); if it makes (N, H, W, C), end it in a permute(0, 3, 1, 2)")
         x = x.reshape(n, *shape)
-        _check_range(x, gan.output_range)
+        _check_range(x, gan.output_range, gan.range_stated)
         noise = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
         blank = torch.stack([torch.full(shape, v) for v in (-1.0, 1.0)]).to(device)
         outs = []
@@ -422,9 +433,10 @@ def check_gan(gan: GAN) -> None:
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
 
 
-def _check_range(x: torch.Tensor, output_range) -> None:
-    """G's images ``x`` (agu's [-1, 1] scale) must lie in the GAN's output range; all of them >= 0 on
-    the [-1, 1] convention is the mark of a [0, 1] generator (a warning: the scores would be wrong)."""
+def _check_range(x: torch.Tensor, output_range, stated: bool = True) -> None:
+    """G's images ``x`` (agu's [-1, 1] scale) must lie in the GAN's output range. All of them >= 0 is the
+    mark of a [0, 1] generator: refused when the range was not stated (the scores would be wrong), a
+    warning when (-1, 1) was stated."""
     low, high = output_range
     lo, hi = float(x.min()), float(x.max())
     to_own = lambda v: low + (v + 1) * (high - low) / 2
@@ -432,12 +444,15 @@ def _check_range(x: torch.Tensor, output_range) -> None:
         raise ConfigError(
             f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}], outside its output range [{low:g}, {high:g}]: "
             "agu's classifiers, metrics and losses need images inside it. End the generator in a tanh "
-            f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output_range")
+            f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output range "
+            "(output_range=(low, high); agu import-gan --output-range low,high)")
     if (low, high) == (-1.0, 1.0) and lo >= 0:
-        warnings.warn(
-            f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
-            "(a final sigmoid), say so with agu_lib.GAN(..., output_range=(0, 1)), or the classifiers and metrics "
-            "score them wrongly", stacklevel=1)
+        text = (f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
+                "(a final sigmoid), say so with output_range=(0, 1) (agu_lib.GAN(...), or agu import-gan --output-range "
+                "0,1), or the classifiers and metrics score them wrongly")
+        if not stated:
+            raise ConfigError(text + "; if they really are [-1, 1] images, state output_range=(-1, 1)")
+        warnings.warn(text, stacklevel=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -459,8 +474,8 @@ class GAN(nn.Module):
         provenance: free-form dict saved in the card (where the weights came from).
         latent_shape: the shape of one latent as the generator takes it, when not ``(latent_dim,)``:
             ``(100, 1, 1)`` for pytorch/examples' DCGAN. agu still draws z ``(N, latent_dim)``.
-        output_range: ``(low, high)`` of the generator's images when not ``(-1, 1)``, e.g. ``(0, 1)``
-            for a generator that ends in a sigmoid (its discriminator was trained on that range too).
+        output_range: ``(low, high)`` of the generator's images, e.g. ``(0, 1)`` for a generator that
+            ends in a sigmoid (its discriminator was trained on that range too); default ``(-1, 1)``.
 
     Latents are z ~ N(0, I): the stages draw their batches so (``training.sample_latent_batch``),
     whatever ``sample_latents`` a subclass defines.
@@ -481,12 +496,14 @@ class GAN(nn.Module):
         arch_kwargs: dict | None = None,
         provenance: dict | None = None,
         latent_shape=None,
-        output_range=(-1.0, 1.0),
+        output_range=None,
     ):
         super().__init__()
         if len(tuple(image_shape)) != 3:
             raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        latent_dim, latent_shape, output_range = _check_conventions(latent_dim, latent_shape, output_range)
+        stated = output_range is not None
+        latent_dim, latent_shape, output_range = _check_conventions(latent_dim, latent_shape,
+                                                                    output_range if stated else (-1.0, 1.0))
         sigmoid = _final_sigmoid(discriminator)
         if sigmoid is not None:
             raise ConfigError(
@@ -496,6 +513,7 @@ class GAN(nn.Module):
         self.latent_dim = latent_dim
         self.latent_shape = latent_shape  # what the generator takes per sample, when not (latent_dim,)
         self.output_range = output_range  # the range the generator makes; agu sees [-1, 1]
+        self.range_stated = stated  # False: (-1, 1) by default, so a [0, 1]-looking generator is refused
         self.generator = _adapted_generator(generator, latent_shape, output_range)
         self.discriminator = _adapted_discriminator(discriminator, output_range)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -544,7 +562,11 @@ class GAN(nn.Module):
         eval mode (the same image for a latent whatever the batch)."""
         z = self.sample_latents(n, seed)
         with evaluating(self):
-            return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
+            try:
+                return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
+            except RuntimeError:
+                check_gan(self)  # a GAN that does not fit agu's conventions: what to do, instead of torch's message
+                raise
 
     def clone(self) -> GAN:
         """An independent deep copy (same device)."""
@@ -552,15 +574,21 @@ class GAN(nn.Module):
 
 
 def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, *, latent_shape=None,
-              output_range=(-1.0, 1.0), **arch_kwargs) -> GAN:
+              output_range=None, **arch_kwargs) -> GAN:
     """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...); ``latent_shape`` and
     ``output_range`` as in ``GAN``."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
     try:
-        g, d = ARCHITECTURES[arch](latent_dim=latent_dim, image_shape=tuple(image_shape), **arch_kwargs)
+        built = ARCHITECTURES[arch](latent_dim=latent_dim, image_shape=tuple(image_shape), **arch_kwargs)
     except TypeError as e:
         raise ConfigError(f"bad arguments for architecture {arch!r}: {e}") from None
+    if output_range is None and ARCHITECTURES[arch] is BUILT_IN.get(arch):
+        output_range = (-1.0, 1.0)  # agu's own end in tanh (an untrained one may still make only bright images)
+    if not (isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
+        raise ConfigError(f"the builder of architecture {arch!r} must return (generator, discriminator), two nn.Modules; "
+                          f"it returned a {type(built).__name__}")
+    g, d = built
     return GAN(g, d, latent_dim, image_shape, arch=arch, arch_kwargs=arch_kwargs, provenance=provenance,
                latent_shape=latent_shape, output_range=output_range)
 

@@ -530,7 +530,7 @@ def test_each_stage_command_refuses_the_other_stages_flags(gan_copy, tmp_path, c
     assert code == 2 and "agu unlearn does not use --k" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "u").exists()
     code, err = agu(capsys, "evaluate", gan_copy, "--bold", "50", "--n-eval", "20", "--iters", "5", "--gamma", "3")
-    assert code == 2 and "agu evaluate does not use --iters, --gamma" in err  # (were ignored without a word)
+    assert code == 2 and "agu evaluate does not use --iters, --gamma: training settings" in err  # (were ignored)
 
 
 def test_unlearn_names_the_adapted_gans_left_out(gan_copy, tmp_path, capsys):

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -271,6 +272,13 @@ def test_a_generator_of_4d_latents_is_told_about_latent_shape_and_runs_with_it()
     plain = agu_lib.GAN(ExamplesG(), d, 6, SHAPE)
     with pytest.raises(ConfigError, match=r"takes latents of shape \(N, 6, 1, 1\).*latent_shape=\(6, 1, 1\)"):
         collect(plain, bright, 64, seed=0)  # (was torch's RuntimeError from the first batch)
+    with pytest.raises(ConfigError, match=r"--latent-shape 6,1,1"):
+        plain.sample(4)  # (agu sample showed torch's traceback)
+    with pytest.raises(ConfigError, match=r"latent_shape=\(6, 1, 1\) instead of \(1, 1, 6\)"):
+        check_gan(agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(1, 1, 6)))
+    assert agu_lib.GAN(ExamplesG(), d, np.int64(6), SHAPE, latent_shape=(np.int64(6), 1, 1)).latent_dim == 6
+    with pytest.raises(ConfigError, match=r"check latent_shape \(6, 1, 1\): the generator fails on latents of that shape"):
+        check_gan(agu_lib.GAN(BNGenerator(), bn_discriminator(), 6, SHAPE, latent_shape=(6, 1, 1)))
     gan = agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(6, 1, 1))
     assert gan.generate(gan.sample_latents(3)).shape == (3, *SHAPE)
     fb = collect(gan, bright, 200, seed=0)
@@ -281,13 +289,23 @@ def test_a_generator_of_4d_latents_is_told_about_latent_shape_and_runs_with_it()
         agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(5, 1, 1))
 
 
-def test_a_zero_one_generator_is_warned_about_and_runs_with_its_output_range():
+def test_a_zero_one_generator_is_refused_until_its_output_range_is_given(tmp_path):
     torch.manual_seed(0)
     d = ExamplesD()
     d.main = d.main[:-1]
     as_if = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1))
+    with pytest.raises(ConfigError, match=r"output_range=\(0, 1\).*--output-range 0,1.*state output_range=\(-1, 1\)"):
+        collect(as_if, bright, 64, seed=0)  # (was scored as [-1, 1] images: PUL 100, FID 1264 against 272)
+    agu_lib.register_architecture("test-examples-01", lambda latent_dim, image_shape: (ExamplesG(nn.Sigmoid()), d))
+    try:
+        with pytest.raises(ConfigError, match=r"output_range=\(0, 1\)"):  # not saved either: every stage would refuse it
+            save_gan(agu_lib.build_gan("test-examples-01", 6, SHAPE, latent_shape=(6, 1, 1)), tmp_path / "g")
+        assert not (tmp_path / "g").exists()
+    finally:
+        agu_lib.models.ARCHITECTURES.pop("test-examples-01")
+    stated = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1), output_range=(-1, 1))
     with pytest.warns(UserWarning, match=r"output_range=\(0, 1\)"):
-        check_gan(as_if)
+        check_gan(stated)  # they may really be bright [-1, 1] images: said, not refused
     gan = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1), output_range=(0, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # in range, on agu's scale: no warning
@@ -331,7 +349,7 @@ def test_float64_channels_last_and_old_spectral_norm_are_refused_with_the_fix(bn
     with pytest.raises(ConfigError, match=r"\(4, 4, 3\), not image_shape \(3, 4, 4\).*permute"):
         check_gan(hwc)  # (was reshaped silently: scrambled pixels)
     old = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.spectral_norm(nn.Linear(144, 1))), 6, SHAPE)
-    with pytest.raises(ConfigError, match=r"discriminator.1 use the old.*parametrizations.spectral_norm"):
+    with pytest.raises(ConfigError, match=r"discriminator.1 uses the old.*parametrizations.spectral_norm"):
         adapt(old, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1), progress=False)
     new = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.parametrizations.spectral_norm(nn.Linear(144, 1))),
                       6, SHAPE)
