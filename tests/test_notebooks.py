@@ -31,7 +31,7 @@ import refresh_notebooks
 
 NOTEBOOKS = refresh_notebooks.notebook_paths()
 CHAPTERS = ["01_pretrained_gan_and_feedback", "02_directions", "03_stage1_adaptation", "04_stage2_repulsion",
-            "05_evaluation", "06_feature_level"]
+            "05_evaluation", "06_feature_level", "07_your_own_gan"]
 IDS = [p.stem[:2] for p in NOTEBOOKS]
 
 
