@@ -270,14 +270,13 @@ def _final_sigmoid(module: nn.Module) -> str | None:
 
 
 def _drop_advice(name: str) -> str:
-    """The line that drops the sigmoid at ``name`` (see ``_final_sigmoid``) from a discriminator ``d``."""
+    """The line that drops the sigmoid at ``name`` (see ``_final_sigmoid``) from a discriminator ``d``
+    (``del`` keeps the class of a Sequential subclass, where slicing may not)."""
     if name == "":
         return "give D's logits (the input of that sigmoid) instead"
     parent, _, _ = name.rpartition(".")
-    if not parent:
-        return "d = nn.Sequential(*list(d)[:-1])"
-    path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parent.split("."))
-    return f"d{path} = d{path}[:-1]"
+    path = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parent.split(".")) if parent else ""
+    return f"del d{path}[-1]"
 
 
 def _positive_int(x) -> bool:

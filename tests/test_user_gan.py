@@ -69,7 +69,7 @@ def bn_gan():
 
 
 def test_a_discriminator_ending_in_sigmoid_is_refused_with_the_fix():
-    with pytest.raises(ConfigError, match=r"ends in nn.Sigmoid.*list\(d\)\[:-1\]"):
+    with pytest.raises(ConfigError, match=r"ends in nn.Sigmoid.*del d\[-1\]"):
         agu_lib.GAN(BNGenerator(), bn_discriminator(sigmoid=True), 6, SHAPE)
 
 
@@ -264,9 +264,9 @@ class ExamplesD(nn.Module):
 def test_a_generator_of_4d_latents_is_told_about_latent_shape_and_runs_with_it():
     torch.manual_seed(0)
     d = ExamplesD()
-    with pytest.raises(ConfigError, match=r"nn.Sigmoid \(main.3\).*d.main = d.main\[:-1\]"):
+    with pytest.raises(ConfigError, match=r"nn.Sigmoid \(main.3\).*del d.main\[-1\]"):
         agu_lib.GAN(ExamplesG(), d, 6, SHAPE, latent_shape=(6, 1, 1))
-    d.main = d.main[:-1]
+    del d.main[-1]
     with pytest.raises(ConfigError, match=r"latent_dim=6, latent_shape=\(6, 1, 1\)"):
         agu_lib.GAN(ExamplesG(), d, (6, 1, 1), SHAPE)
     plain = agu_lib.GAN(ExamplesG(), d, 6, SHAPE)
@@ -292,7 +292,7 @@ def test_a_generator_of_4d_latents_is_told_about_latent_shape_and_runs_with_it()
 def test_a_zero_one_generator_is_refused_until_its_output_range_is_given(tmp_path):
     torch.manual_seed(0)
     d = ExamplesD()
-    d.main = d.main[:-1]
+    del d.main[-1]
     as_if = agu_lib.GAN(ExamplesG(nn.Sigmoid()), d, 6, SHAPE, latent_shape=(6, 1, 1))
     with pytest.raises(ConfigError, match=r"output_range=\(0, 1\).*--output-range 0,1.*state output_range=\(-1, 1\)"):
         collect(as_if, bright, 64, seed=0)  # (was scored as [-1, 1] images: PUL 100, FID 1264 against 272)
@@ -367,7 +367,7 @@ def test_real_images_in_the_wrong_range_are_named(bn_gan):
 def test_latent_shape_and_output_range_are_saved_and_restored(tmp_path):
     def build_examples(latent_dim, image_shape):
         d = ExamplesD()
-        d.main = d.main[:-1]
+        del d.main[-1]
         return ExamplesG(nn.Sigmoid()), d
 
     agu_lib.register_architecture("test-examples", build_examples)
