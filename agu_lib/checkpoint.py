@@ -248,10 +248,9 @@ def load_tensor_file(path: Path, card: dict, fname: str) -> dict[str, torch.Tens
         raise CheckpointError(f"{fpath} is not a readable safetensors file ({e})") from None
 
 
-def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
-                       fix: str = "the card.json beside it was edited, or the files come from different checkpoints; "
-                                  "re-create the checkpoint") -> None:
-    """``module.load_state_dict(state)`` with a message naming missing/unexpected/misshapen keys and ``fix``."""
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, fix: str | None = None) -> None:
+    """``module.load_state_dict(state)`` with a message naming missing/unexpected/misshapen keys and what to do
+    (``fix``; by default: the card was edited or the files mixed up)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -268,6 +267,7 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
             parts.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        fix = fix or "the card.json beside it was edited, or the files come from different checkpoints; re-create the checkpoint"
         raise CheckpointError(f"{where} does not fit its architecture: " + ", ".join(parts) + f" ({fix})")
     module.load_state_dict(state)
 

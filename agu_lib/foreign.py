@@ -231,8 +231,8 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     fix = (f"the files are not of architecture {arch!r} as its builder makes it with arch_kwargs {arch_kwargs}: give "
            "the arguments the checkpoint was trained with (--arch-kwargs), or register the modules it holds") if own else None
-    load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", *([fix] if fix else []))
-    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)", *([fix] if fix else []))
+    load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", fix)
+    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)", fix)
     if own:
         check_gan(gan)  # one batch: latent shape, output range, one logit per image
     return save_gan(gan, out, extra={"imported": True})
