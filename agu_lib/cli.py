@@ -22,14 +22,14 @@ from .models import import_architectures
 
 def pick_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; other names are checked."""
+    from .training import as_device, mps_available
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    from .training import as_device
-
     try:
         return as_device(name)
     except ConfigError as e:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_state_checked, save_gan, sha256_file
+from .checkpoint import _error_text, load_state_checked, save_gan, sha256_file
 from .errors import CheckpointError, ConfigError
 from .models import ARCHITECTURES, _upsampling_plan, build_gan, check_gan
 
@@ -227,8 +227,7 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     except ConfigError as e:
         raise (ConfigError(str(e)) if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
     except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)
-        raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} ({_error_text(e)})") from None
     fix = (f"the files are not of architecture {arch!r} as its builder makes it with arch_kwargs {arch_kwargs}: give "
            "the arguments the checkpoint was trained with (--arch-kwargs), or register the modules it holds") if own else None
     load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", fix)

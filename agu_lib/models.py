@@ -515,6 +515,7 @@ class GAN(nn.Module):
         self.range_stated = stated  # False: (-1, 1) by default, so a [0, 1]-looking generator is refused
         self.generator = _adapted_generator(generator, latent_shape, output_range)
         self.discriminator = _adapted_discriminator(discriminator, output_range)
+        self._given = (generator, discriminator)  # a tuple: the same modules, not registered twice (copies keep them paired)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs or {})
@@ -528,14 +529,12 @@ class GAN(nn.Module):
     def given_generator(self) -> nn.Module:
         """The generator module as it was given (``generator`` without the wrapper of ``latent_shape`` and
         ``output_range``): its state dict has the keys of the pre-trained checkpoint."""
-        if self.latent_shape is None and self.output_range == (-1.0, 1.0):
-            return self.generator
-        return self.generator[0 if self.latent_shape is None else 1]
+        return self._given[0]
 
     @property
     def given_discriminator(self) -> nn.Module:
         """The discriminator module as it was given (``discriminator`` without the ``output_range`` wrapper)."""
-        return self.discriminator if self.output_range == (-1.0, 1.0) else self.discriminator[1]
+        return self._given[1]
 
     def sample_latents(self, n: int, seed: int | None = 0, device=None) -> torch.Tensor:
         """``n`` latents ``(n, latent_dim)`` from N(0, I); drawn on the CPU with ``seed`` so the
@@ -582,7 +581,7 @@ def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None =
         built = ARCHITECTURES[arch](latent_dim=latent_dim, image_shape=tuple(image_shape), **arch_kwargs)
     except TypeError as e:
         raise ConfigError(f"bad arguments for architecture {arch!r}: {e}") from None
-    if output_range is None and ARCHITECTURES[arch] is BUILT_IN.get(arch):
+    if output_range is None and arch in BUILT_IN:
         output_range = (-1.0, 1.0)  # agu's own end in tanh (an untrained one may still make only bright images)
     if not (isinstance(built, (tuple, list)) and len(built) == 2 and all(isinstance(m, nn.Module) for m in built)):
         raise ConfigError(f"the builder of architecture {arch!r} must return (generator, discriminator), two nn.Modules; "

@@ -54,6 +54,11 @@ def sample_latent_batch(batch_size: int, latent_dim: int, gen: torch.Generator, 
     return to_device(shard_rows(torch.randn(batch_size, latent_dim, generator=gen)), device)
 
 
+def mps_available() -> bool:
+    """Whether this torch build and machine have Apple's MPS backend."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def as_device(device) -> torch.device:
     """``device`` (a name or ``torch.device``) as a ``torch.device`` this machine has (``ConfigError`` otherwise:
     torch's own error on a CPU-only build is an AssertionError that does not say what to do)."""
@@ -64,7 +69,7 @@ def as_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} was asked for, but no CUDA GPU is available here (torch "
                           f"{torch.__version__}); use device='cpu'")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+    if device.type == "mps" and not mps_available():
         raise ConfigError(f"device {str(device)!r} was asked for, but MPS is not available here; use device='cpu'")
     return device
 
