@@ -813,6 +813,7 @@ def _main(args) -> int:
     """The command of ``args``, with the expected failures as one line each."""
     try:
         from .distributed import init_from_env
+        from .training import deterministic_cuda
 
         if hasattr(args, "threads"):  # (merge-tables and book take no --threads)
             jobs = getattr(args, "jobs", 1)
@@ -826,6 +827,8 @@ def _main(args) -> int:
                               "the usual choice with --jobs; the records depend on the thread count)")
             torch.set_num_threads(args.threads)
         import_architectures(getattr(args, "imports", []))
+        if getattr(args, "device", None) in ("auto", "cuda") and torch.cuda.is_available():
+            deterministic_cuda()  # same seed, same numbers on the GPU too (before any GPU work)
         init_from_env(getattr(args, "device", None))  # under torchrun: one process per GPU (or CPU, gloo)
         args.func(args)
         sys.stdout.flush()  # (a closed pipe shows up here, not as an error at exit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 from torch import nn
@@ -72,6 +73,18 @@ def as_device(device) -> torch.device:
     if device.type == "mps" and not mps_available():
         raise ConfigError(f"device {str(device)!r} was asked for, but MPS is not available here; use device='cpu'")
     return device
+
+
+def deterministic_cuda() -> None:
+    """Same seed, same numbers on an NVIDIA GPU (process-wide; the CLI calls it for ``--device cuda``/``auto``
+    on a machine with CUDA): cuDNN's deterministic convolution algorithms and no autotuning, cuBLAS with a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: call this before the first GPU matrix
+    product) and torch's deterministic implementations wherever it has them (a warning names an operation
+    that has none). Without it two runs of the same command on a GPU end at different numbers."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def to_device(x: torch.Tensor, device) -> torch.Tensor:

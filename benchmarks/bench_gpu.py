@@ -5,7 +5,7 @@
 
 For each GAN (shipped digits, csinva's MNIST MLP when present) and each setting (fp32; bf16
 autocast with ``--amp``; torch.compile with ``--compile``): plain fine-tuning, stage 1 (EWC) and
-stage 2 (EL2, K = 1, 5, 10), each timed after warm-up with CUDA events, as images/s (generated
+stage 2 (EL2, K = 1, 5, 10; and the default step: K = 5 with the data terms and the weight average), each timed after warm-up with CUDA events, as images/s (generated
 images per second: one step handles ``batch`` images) and the ratio to plain; peak memory of
 each (``torch.cuda.max_memory_allocated``); the Fisher (layer-wise path vs per-sample loop).
 The steps are the library's (``adapt.adapt_step``, ``unlearn.unlearn_step``). On a machine
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         for label, amp, comp in settings:
             v = Variants(gan, device, batch1=args.batch, batch2=args.batch, amp=amp, compile=comp)
             variants = {"plain": v.plain(2), "stage1": v.stage1(), "stage2_k1": v.stage2(1), "stage2_k5": v.stage2(5),
-                        "stage2_k10": v.stage2(10)}
+                        "stage2_k10": v.stage2(10), "stage2_default": v.stage2_data_terms(5)}
             r = run_variants(variants, args.steps, args.reps, args.batch)
             for n in variants:
                 r[n]["over_plain"] = round(r[n]["ms_per_step"] / r["plain"]["ms_per_step"], 3)

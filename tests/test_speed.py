@@ -238,3 +238,26 @@ def test_bench_load_gans_leaves_no_temporary_files(third_party_dir, tmp_path, mo
     gan, _ = gans["mnist_mlp"]
     assert gan.sample(2, seed=0).shape == (2, 1, 28, 28)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deterministic_cuda_sets_what_same_seed_same_numbers_needs(monkeypatch):
+    """What the CLI turns on for --device cuda/auto on a GPU (tests/test_gpu.py checks the numbers there): cuDNN's
+    deterministic algorithms without autotuning, a fixed cuBLAS workspace (unless the user chose one), torch's
+    deterministic mode warning (not failing) on an operation that has no deterministic version."""
+    from agu_lib.training import deterministic_cuda
+
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        torch.backends.cudnn.benchmark = True
+        deterministic_cuda()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        deterministic_cuda()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's choice stays
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
