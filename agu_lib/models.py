@@ -374,6 +374,14 @@ def _legacy_norms(gan: GAN) -> list[str]:
             if any(isinstance(h, (SpectralNorm, WeightNorm)) for h in m._forward_pre_hooks.values())]
 
 
+def _legacy_norm_error(legacy: list[str]) -> ConfigError:
+    return ConfigError(
+        f"{', '.join(legacy[:3])} {'use' if len(legacy) > 1 else 'uses'} the old torch.nn.utils.spectral_norm / weight_norm hooks, which agu cannot copy "
+        "once they ran a backward: convert each such layer m with torch.nn.utils.remove_spectral_norm(m) (or "
+        "remove_weight_norm) and then torch.nn.utils.parametrizations.spectral_norm(m) (or weight_norm): same "
+        "weights, parametrised")
+
+
 def check_gan(gan: GAN) -> None:
     """One small batch through G and D before a stage trains them (``ConfigError`` when it does not fit):
     float32 weights, no hook-based spectral/weight norm, G gives ``image_shape`` images per latent
@@ -387,11 +395,7 @@ def check_gan(gan: GAN) -> None:
                           "with gan.float() (or generator.float() and discriminator.float() before building the GAN)")
     legacy = _legacy_norms(gan)
     if legacy:
-        raise ConfigError(
-            f"{', '.join(legacy[:3])} {'use' if len(legacy) > 1 else 'uses'} the old torch.nn.utils.spectral_norm / weight_norm hooks, which agu cannot copy "
-            "once they ran a backward: convert each such layer m with torch.nn.utils.remove_spectral_norm(m) (or "
-            "remove_weight_norm) and then torch.nn.utils.parametrizations.spectral_norm(m) (or weight_norm): same "
-            "weights, parametrised")
+        raise _legacy_norm_error(legacy)
     with torch.no_grad(), evaluating(gan):
         device = gan.device
         z = gan.sample_latents(n, seed=0, device=device)
@@ -568,7 +572,13 @@ class GAN(nn.Module):
 
     def clone(self) -> GAN:
         """An independent deep copy (same device)."""
-        return copy.deepcopy(self)
+        try:
+            return copy.deepcopy(self)
+        except RuntimeError:  # torch's deepcopy error for a hook-normalised layer after a backward says nothing of the fix
+            legacy = _legacy_norms(self)
+            if legacy:
+                raise _legacy_norm_error(legacy) from None
+            raise
 
 
 def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, *, latent_shape=None,

@@ -351,6 +351,9 @@ def test_float64_channels_last_and_old_spectral_norm_are_refused_with_the_fix(bn
     old = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.spectral_norm(nn.Linear(144, 1))), 6, SHAPE)
     with pytest.raises(ConfigError, match=r"discriminator.1 uses the old.*parametrizations.spectral_norm"):
         adapt(old, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1), progress=False)
+    old.discriminator(torch.zeros(2, *SHAPE)).sum().backward()  # the hook's weight is now a non-leaf tensor
+    with pytest.raises(ConfigError, match=r"discriminator.1 uses the old.*parametrizations.spectral_norm"):
+        old.clone()  # (was torch's "Only Tensors created explicitly by the user ... deepcopy" error)
     new = agu_lib.GAN(BNGenerator(), nn.Sequential(nn.Flatten(), nn.utils.parametrizations.spectral_norm(nn.Linear(144, 1))),
                       6, SHAPE)
     adapt(new, torch.zeros(8, *SHAPE), AdaptConfig(iters=1, n_models=1, batch_size=8), progress=False)
