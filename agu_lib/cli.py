@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .errors import AguError, ConfigError
+from .errors import AguError, ConfigError, DataError
 from .models import import_architectures
 
 
@@ -319,7 +319,7 @@ def _oracle(args, gan, clf):
 
 def _real_without(args, gan, forget):
     """Real data without the forgotten classes, when the GAN's data set is at hand (digits, MNIST)."""
-    from .data import load_digits, load_mnist, mnist_dir
+    from .data import load_digits, load_mnist, mnist_dir, mnist_search_path
 
     name = getattr(args, "real", "auto")
     if name == "none":
@@ -328,6 +328,16 @@ def _real_without(args, gan, forget):
         real = load_digits()
     elif name in ("auto", "mnist") and gan.image_shape == (1, 28, 28) and (args.mnist_dir or mnist_dir()):
         real = load_mnist(args.mnist_dir or mnist_dir(), split="test")
+    elif name in ("auto", "mnist") and gan.image_shape == (1, 28, 28):  # an MNIST-sized GAN, but no MNIST here
+        where = mnist_search_path()
+        source = "$AGU_MNIST_DIR" if os.environ.get("AGU_MNIST_DIR") else "the default place"
+        fix = (f"no MNIST folder at {where} ({source}): set AGU_MNIST_DIR or --mnist-dir to the folder holding "
+               "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)")
+        if name == "mnist":
+            raise DataError(f"--real mnist: {fix}, or use --real none")
+        warnings.warn(f"{fix}; until then FID to real data and the retrain method are left out (--real none says "
+                      "that this is meant)")
+        return None, None
     elif name == "auto":
         return None, None
     else:

@@ -91,11 +91,15 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def mnist_dir() -> Path | None:
-    """The folder holding MNIST's IDX files: ``$AGU_MNIST_DIR``, else ``<repo>/../shared/data/mnist``;
-    ``None`` if that folder does not exist."""
+def mnist_search_path() -> Path:
+    """Where agu looks for MNIST's IDX files: ``$AGU_MNIST_DIR``, else ``<repo>/../shared/data/mnist``."""
     env = os.environ.get("AGU_MNIST_DIR")
-    d = Path(env) if env else _repo_root().parent / "shared" / "data" / "mnist"
+    return Path(env) if env else _repo_root().parent / "shared" / "data" / "mnist"
+
+
+def mnist_dir() -> Path | None:
+    """The folder holding MNIST's IDX files (``mnist_search_path``); ``None`` if that folder does not exist."""
+    d = mnist_search_path()
     return d if d.is_dir() else None
 
 

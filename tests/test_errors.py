@@ -136,6 +136,22 @@ def test_mnist_classifier_on_the_digits_gan(tmp_path, capsys):
     assert code == 2 and "takes images of shape (1, 28, 28) but got (1, 16, 16)" in err and "agu train-classifier" in err
 
 
+def test_missing_mnist_folder_is_named_not_blamed_on_the_shape(tmp_path, capsys, monkeypatch):
+    """A 28x28 GAN with no MNIST at hand: --real mnist says where agu looked and which variable to set (it said the
+    data set did not fit the GAN's shape); --real auto says why FID to real data is left out (it said nothing)."""
+    torch.manual_seed(0)
+    save_gan(build_gan("mlp", 8, (1, 28, 28), g_hidden=(16,), d_hidden=(16,)), tmp_path / "g28")
+    monkeypatch.setenv("AGU_MNIST_DIR", str(tmp_path / "nowhere"))
+    base = ["evaluate", tmp_path / "g28", "--classifier", "mnist", "--forget", "7", "--n-eval", "64", "--metrics", "fid"]
+    code, err = agu(capsys, *base, "--real", "mnist")
+    assert code == 2 and f"no MNIST folder at {tmp_path / 'nowhere'} ($AGU_MNIST_DIR)" in err and "--mnist-dir" in err
+    assert "does not fit" not in err
+    code, err = agu(capsys, *base)
+    assert code == 0 and "agu: note: no MNIST folder at" in err and "FID to real data and the retrain method are left out" in err
+    code, err = agu(capsys, *base, "--real", "none")
+    assert code == 0 and "no MNIST folder" not in err
+
+
 def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     # an untrained classifier is never 99% sure: no sample counts as negative
     code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[16], "--forget", "3", "--threshold", "0.99",
