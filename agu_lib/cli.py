@@ -743,10 +743,17 @@ def cmd_merge_tables(args) -> None:
     print(f"wrote {args.out}/table.md, table.csv, table.json (merged from {len(parts)} tables)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage block first), as agu's own errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
+    parser = _Parser(prog="agu", description="Adapt-then-Unlearn for pre-trained GANs")
     parser.add_argument("--version", action="version", version=f"agu {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -845,7 +852,7 @@ def _main(args) -> int:
     except AguError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"agu {args.command}: error: {e}{_resume_hint(args)}", file=sys.stderr)
+        print(f"agu {args.command}: error: {e}{_resume_hint(args) if '--resume' not in str(e) else ''}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the output went to a pipe that closed early (agu info ... | head): nothing wrong
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)

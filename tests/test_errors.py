@@ -204,6 +204,7 @@ def test_unknown_method_and_metric_list_the_valid_ones(gan_dir, tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'el3'" in err and "el2" in err and "finetune" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("agu run: error: argument --method") and "agu run --help" in err
     code, err = agu(capsys, "evaluate", gan_dir, "--bold", "50", "--metrics", "pul", "fud", "--device", "cpu")
     assert code == 2 and "unknown metric(s) ['fud']; valid: " in err and "pul" in err and "negative_share" in err
 

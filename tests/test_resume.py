@@ -177,6 +177,7 @@ def test_resume_with_other_settings_is_refused(gan_dir, tmp_path, capsys, monkey
     assert cli.main(run_argv(gan_dir, out, "--resume", "--gamma", "2")) == 2
     err = capsys.readouterr().err
     assert "belongs to a run with other settings (differ: config.unlearn.gamma)" in err and "without --resume" in err
+    assert err.count("--resume") == 1 and "keeps what was finished" not in err  # the advice once, not repeated
     assert (tmp_path / "run.partial" / "unlearn" / "card.json").is_file()  # kept for a correct --resume
     # the thread count changes the numbers: a resume on another one would match neither run
     assert cli.main(run_argv(gan_dir, out, "--resume", "--threads", "2")) == 2
