@@ -103,11 +103,15 @@ def mnist_dir() -> Path | None:
     return d if d.is_dir() else None
 
 
-def third_party_dir() -> Path | None:
-    """The folder of third-party checkpoints: ``$AGU_THIRD_PARTY_DIR``, else
-    ``<repo>/../shared/data/third_party``; ``None`` if that folder does not exist."""
+def third_party_search_path() -> Path:
+    """Where agu looks for third-party checkpoints: ``$AGU_THIRD_PARTY_DIR``, else ``<repo>/../shared/data/third_party``."""
     env = os.environ.get("AGU_THIRD_PARTY_DIR")
-    d = Path(env) if env else _repo_root().parent / "shared" / "data" / "third_party"
+    return Path(env) if env else _repo_root().parent / "shared" / "data" / "third_party"
+
+
+def third_party_dir() -> Path | None:
+    """The folder of third-party checkpoints (``third_party_search_path``); ``None`` if that folder does not exist."""
+    d = third_party_search_path()
     return d if d.is_dir() else None
 
 

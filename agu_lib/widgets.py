@@ -30,6 +30,23 @@ def notebook_mode(mode: str) -> bool:
     return mode == "ci"
 
 
+def pick_parameter(pick, keywords: tuple[str, ...] = ("auto",)):
+    """A notebook's ``PICK`` parameter checked: one of ``keywords``, or a list of sample indices. papermill's
+    ``-p PICK [3, 17]`` arrives as the text "[3, 17]": that (and "3,17") is read as the list."""
+    if isinstance(pick, str) and pick in keywords:
+        return pick
+    indices = pick
+    if isinstance(pick, str):
+        try:
+            indices = [int(t) for t in pick.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()]
+        except ValueError:
+            indices = None
+    if isinstance(indices, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        return list(indices)
+    choices = ", ".join(map(repr, keywords)) + " or a list of sample indices such as [3, 17]"
+    raise ConfigError(f"PICK must be {choices}, got {pick!r} (with papermill: -p PICK '[3, 17]' or -y 'PICK: [3, 17]')")
+
+
 def _ipywidgets():
     try:
         import ipywidgets

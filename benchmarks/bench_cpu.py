@@ -1,6 +1,6 @@
 """CPU benchmark of the training loops: what the method's extra terms cost per step.
 
-    python benchmarks/bench_cpu.py --quick --json out.json      # < 3 minutes
+    python benchmarks/bench_cpu.py --quick --json out.json      # about 30 s on 2 cores
     python benchmarks/bench_cpu.py --json results/bench/cpu.json  # the full run
 
 For the shipped digits GAN and csinva's MNIST MLP GAN (when ``$AGU_THIRD_PARTY_DIR`` or
@@ -242,7 +242,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (< 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (about 30 s on 2 cores)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)")
     p.add_argument("--fisher-mem", nargs=4, metavar=("GAN", "METHOD", "N", "CHUNK"), help=argparse.SUPPRESS)

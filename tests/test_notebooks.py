@@ -268,6 +268,30 @@ def test_notebook_mode_accepts_the_two_modes_only():
             notebook_mode(typo)
 
 
+def test_pick_parameter_reads_papermills_text():
+    """`papermill -p PICK [3, 17]` hands the notebook the text "[3, 17]" (it failed with "PICK must be ..."): the
+    indices are read from it; a keyword stays a keyword; anything else says how to pass a list."""
+    from agu_lib.errors import ConfigError
+    from agu_lib.widgets import pick_parameter
+
+    assert pick_parameter("[3, 17]") == [3, 17] and pick_parameter("3,17") == [3, 17] and pick_parameter([99]) == [99]
+    assert pick_parameter("auto") == "auto" and pick_parameter("classifier", ("auto", "classifier")) == "classifier"
+    assert pick_parameter([]) == []
+    for bad in ("classifier", "3.5", "seven", None, [True]):
+        with pytest.raises(ConfigError, match=r"PICK must be 'auto' or a list of sample indices.*-y 'PICK: \[3, 17\]'"):
+            pick_parameter(bad)
+
+
+def test_missing_third_party_checkpoints_are_named_in_the_chapters():
+    """Chapters 1 and 7 say which file they looked for and what to set when csinva's GAN is not there."""
+    paths = [p for p in NOTEBOOKS if p.stem in ("01_pretrained_gan_and_feedback", "07_your_own_gan")]
+    assert len(paths) == 2
+    for path in paths:
+        code = "".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert "third_party_search_path()" in code and "not found (no {ckpt / 'G--300.ckpt'})" in code, path.stem
+        assert "(or the THIRD_PARTY_DIR parameter) to the folder that holds csinva_mnist_mlp_gan/" in code, path.stem
+
+
 def test_gamma_explorer_redraws_the_same_latents(tiny_gan):
     pytest.importorskip("ipywidgets")
     from agu_lib.directions import extrapolate
