@@ -362,12 +362,13 @@ CONFIG_FLAGS = [
 #: flags of one stage only: agu adapt refuses stage 2's, agu unlearn stage 1's (they would be ignored)
 STAGE2_ONLY = [flag for flag, stage, _ in CONFIG_FLAGS if stage == "unlearn"] + ["gamma", "paper_stage2"]
 STAGE1_ONLY = [flag for flag, stage, _ in CONFIG_FLAGS if stage == "adapt"]
+EVALUATE_REFUSES = STAGE1_ONLY + STAGE2_ONLY + ["compile", "n_samples"]  # (and --method: it trains nothing)
 
 
 def _refuse_other_stage(args, flags, command: str, hint: str) -> None:
     """Refuse flags the command would ignore (e.g. --iters given to agu adapt)."""
     given = [f for f in flags if getattr(args, f, None) not in (None, False)]
-    if command == "adapt" and args.method != "el2":
+    if command in ("adapt", "evaluate") and args.method != "el2":
         given.append("method")
     if given:
         names = ", ".join("--" + f.replace("_", "-") for f in given)
@@ -557,7 +558,7 @@ def cmd_evaluate(args) -> None:
     unknown = [m for m in args.metrics or [] if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
-    _refuse_other_stage(args, STAGE1_ONLY + STAGE2_ONLY, "evaluate", "training settings belong to agu run, adapt and "
+    _refuse_other_stage(args, EVALUATE_REFUSES, "evaluate", "training settings belong to agu run, adapt and "
                         "unlearn; agu evaluate measures a GAN as it is")
     device = pick_device(args.device)
     gan, clf = _load_pair(args, device)
@@ -695,6 +696,9 @@ def add_method_commands(sub) -> None:
     _method_args(p, needs_out=False)
     p.add_argument("--original", help="the original GAN (default: the GAN itself)")
     p.add_argument("--metrics", nargs="+", default=None, help="metric names (default: all)")
+    for action in p._actions:  # the training flags it refuses stay out of its --help
+        if action.dest in [*EVALUATE_REFUSES, "method"]:
+            action.help = argparse.SUPPRESS
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("table", help="the paper's Table 1 for a GAN: methods x classes, mean ± std over seeds")

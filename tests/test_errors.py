@@ -548,6 +548,13 @@ def test_each_stage_command_refuses_the_other_stages_flags(gan_copy, tmp_path, c
     assert not (tmp_path / "a").exists() and not (tmp_path / "u").exists()
     code, err = agu(capsys, "evaluate", gan_copy, "--bold", "50", "--n-eval", "20", "--iters", "5", "--gamma", "3")
     assert code == 2 and "agu evaluate does not use --iters, --gamma: training settings" in err  # (were ignored)
+    code, err = agu(capsys, "evaluate", gan_copy, "--bold", "50", "--n-eval", "20", "--method", "nl2", "--n-samples", "9",
+                    "--compile")
+    assert code == 2 and "agu evaluate does not use --compile, --n-samples, --method: training settings" in err
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    shown = capsys.readouterr().out
+    assert "--metrics" in shown and not any(f in shown for f in ("--iters", "--gamma", "--adapt-iters", "--method", "--compile"))
 
 
 def test_unlearn_names_the_adapted_gans_left_out(gan_copy, tmp_path, capsys):
