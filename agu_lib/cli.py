@@ -423,11 +423,13 @@ def _run_config(args):
 
 
 def cmd_run(args) -> None:
+    from .checkpoint import check_replaceable
     from .pipeline import run, summary
 
     device = pick_device(args.device)
     cfg = _run_config(args)
     _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier")])
+    check_replaceable(args.out, "run")  # (run() checks it too; here before the notes on the data)
     gan, clf = _load_pair(args, device)
     oracle = _oracle(args, gan, clf)
     forget = [] if args.bold is not None else args.forget
@@ -572,6 +574,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_table(args) -> None:
+    from .checkpoint import check_replaceable
     from .pipeline import TABLE_METHODS, table
 
     device = pick_device(args.device)
@@ -581,6 +584,7 @@ def cmd_table(args) -> None:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {args.seeds}")
     _refuse_overlap(args.out, [(args.gan, "gan"), (args.classifier, "classifier")])
+    check_replaceable(args.out, "table")  # (table() checks it too; here before the notes on the data)
     gan, clf = _load_pair(args, device)
     real, _ = _real_without(args, gan, [])
     methods = args.methods or [m for m in TABLE_METHODS if real is not None or m != "retrain"]

@@ -152,6 +152,14 @@ def test_missing_mnist_folder_is_named_not_blamed_on_the_shape(tmp_path, capsys,
     assert code == 0 and "no MNIST folder" not in err
 
 
+def test_an_output_path_agu_will_not_replace_is_the_only_line(tmp_path, capsys):
+    """The refusal comes before the note on the real data (which printed first, so the error was not one line)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for command in ("run", "table"):
+        code, err = agu(capsys, command, "digits", "--classifier", "digits", "--forget", "1", "--out", tmp_path / "notes.txt")
+        assert code == 2 and err.count("\n") == 1 and "is a file, not a directory; agu will not replace it" in err
+
+
 def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     # an untrained classifier is never 99% sure: no sample counts as negative
     code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[16], "--forget", "3", "--threshold", "0.99",
