@@ -77,6 +77,22 @@ def default_threads() -> int:
     return min(DEFAULT_THREADS, available_cores())
 
 
+TRAINING_COMMANDS = ("run", "adapt", "unlearn", "table", "pretrain", "train-classifier")
+
+
+def _warn_if_busy(threads: int) -> None:
+    """A note when other work already keeps the cores busy: several torch threads then wait on each other
+    (agu run on 2 threads beside another job took 557 s in a trial, on 1 thread 92 s)."""
+    cores = available_cores()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # (no load average on Windows)
+        return
+    if threads > 1 and load >= cores - 0.5:
+        warnings.warn(f"this machine is busy (load average {load:.1f} on {cores} cores): {threads} threads can run many "
+                      "times slower than 1 here; add --threads 1 (its results differ in the last digits)")
+
+
 def environment(device) -> dict:
     """What else decides the last digits of a result: recorded in config.json and table.json."""
     import platform
@@ -844,6 +860,9 @@ def _main(args) -> int:
             jobs = getattr(args, "jobs", 1)
             if args.threads is None:  # agu table --jobs N: one thread per process unless told otherwise
                 args.threads = default_threads() if not (isinstance(jobs, int) and jobs > 1) else 1
+                device = getattr(args, "device", "cpu")
+                if args.command in TRAINING_COMMANDS and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+                    _warn_if_busy(args.threads)
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
             if isinstance(jobs, int) and jobs > 1 and jobs * args.threads > available_cores():

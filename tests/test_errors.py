@@ -160,6 +160,21 @@ def test_an_output_path_agu_will_not_replace_is_the_only_line(tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and "is a file, not a directory; agu will not replace it" in err
 
 
+def test_a_busy_machine_gets_a_note_to_use_one_thread(tmp_path, capsys, monkeypatch):
+    """Two threads fighting other work for two cores ran 6x slower than one thread in a trial: with the default thread
+    count and a load average that fills the cores, agu says so; with --threads given, or an idle machine, it does not."""
+    monkeypatch.setattr(cli, "DEFAULT_THREADS", 2)
+    monkeypatch.setattr(cli, "available_cores", lambda: 2)
+    (tmp_path / "f").write_text("x")
+    argv = ["run", "digits", "--classifier", "digits", "--forget", "1", "--device", "cpu", "--out", tmp_path / "f"]
+    for load, extra, noted in ((2.3, [], True), (2.3, ["--threads", "2"], False), (0.4, [], False)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        code, err = agu(capsys, *argv, *extra)
+        assert code == 2 and ("this machine is busy (load average 2.3 on 2 cores)" in err) == noted, (load, extra)
+        if noted:
+            assert "add --threads 1" in err
+
+
 def test_gan_that_rarely_makes_the_class(gan_dir, clf_dirs, tmp_path, capsys):
     # an untrained classifier is never 99% sure: no sample counts as negative
     code, err = agu(capsys, "run", gan_dir, "--classifier", clf_dirs[16], "--forget", "3", "--threshold", "0.99",
