@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What only an NVIDIA GPU can check, in one call of about 8 minutes (results/bench/README.md):
+# What only an NVIDIA GPU can check, in one call of 6-7 minutes on an H200 (results/bench/README.md):
 #   1. tests/test_gpu.py (channels_last, amp, compile, NCCL, CPU <-> GPU agreement, same seed = same metrics);
 #   2. the README's main command with every default, on the GPU, timed;
 #   3. benchmarks/bench_gpu.py (images/s per stage at batch 256, peak memory);
