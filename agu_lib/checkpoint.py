@@ -312,16 +312,18 @@ def _error_text(e: Exception) -> str:
 
 
 def _conventions(gan: GAN) -> dict:
-    """The GAN's ``latent_shape`` and ``output_range``, as ``build_gan`` takes them (where they are not the
-    defaults they wrap the builder's modules, and so change their state-dict keys)."""
-    return {"latent_shape": gan.latent_shape, "output_range": gan.output_range}
+    """The GAN's ``latent_shape``, ``output_range`` and ``latent_prior``, as ``build_gan`` takes them (where
+    they are not the defaults they wrap the builder's modules, and so change their state-dict keys)."""
+    return {"latent_shape": gan.latent_shape, "output_range": gan.output_range, "latent_prior": gan.latent_prior}
 
 
 def _card_conventions(card: dict) -> dict:
-    """``latent_shape`` and ``output_range`` as a card gives them (older cards: the defaults), for ``build_gan``."""
+    """``latent_shape``, ``output_range`` and ``latent_prior`` as a card gives them (older cards: the
+    defaults), for ``build_gan``."""
     shape = card.get("latent_shape")
     return {"latent_shape": tuple(shape) if isinstance(shape, list) else shape,
-            "output_range": tuple(card.get("output_range", (-1.0, 1.0)))}
+            "output_range": tuple(card.get("output_range", (-1.0, 1.0))),
+            "latent_prior": card.get("latent_prior", "normal")}
 
 
 def _first_difference(own: torch.nn.Module, built: torch.nn.Module) -> str | None:
@@ -382,6 +384,7 @@ def save_gan(gan: GAN, path, step: int | None = None, extra: dict | None = None)
         "image_shape": list(gan.image_shape),
         "output_range": list(gan.output_range),
         **({"latent_shape": list(gan.latent_shape)} if gan.latent_shape is not None else {}),
+        **({"latent_prior": gan.latent_prior} if gan.latent_prior != "normal" else {}),
         "provenance": gan.provenance,
         "step": step,
         **(extra or {}),

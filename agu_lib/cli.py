@@ -185,9 +185,11 @@ def cmd_import_gan(args) -> None:
     latent_shape = _numbers("--latent-shape", args.latent_shape, int, "100,1,1") if args.latent_shape else None
     output_range = _numbers("--output-range", args.output_range, float, "0,1") if args.output_range else None
     out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov,
-                     arch_kwargs=kwargs, latent_shape=latent_shape, output_range=output_range)
+                     arch_kwargs=kwargs, latent_shape=latent_shape, output_range=output_range,
+                     latent_prior=args.latent_prior)
     gan = load_gan(out)
-    print(f"imported {args.arch} GAN ({json.dumps(gan.arch_kwargs)}, latent_dim {gan.latent_dim}, "
+    prior = ", latents U(-1, 1)" if gan.latent_prior == "uniform" else ""
+    print(f"imported {args.arch} GAN ({json.dumps(gan.arch_kwargs)}, latent_dim {gan.latent_dim}{prior}, "
           f"images {'x'.join(map(str, gan.image_shape))}) to {out}")
 
 
@@ -801,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-shape", default=None, help="the generator's latent shape when not (latent_dim,), e.g. 100,1,1")
     p.add_argument("--output-range", default=None, help="the generator's image range when not -1,1, e.g. 0,1 (a negative "
                    "low bound needs '=': --output-range=-1,1)")
+    p.add_argument("--latent-prior", default="normal", choices=["normal", "uniform"], help="the latents the generator was "
+                   "trained on: normal, N(0, I) (default), or uniform, U(-1, 1) (agu draws N(0, I) and maps it there)")
     p.add_argument("--generator", required=True, help="generator checkpoint (torch.save file; tensors only)")
     p.add_argument("--discriminator", required=True, help="discriminator checkpoint (torch.save file; tensors only)")
     p.add_argument("--latent-dim", type=int, required=True, help="size of z the generator takes")

@@ -155,7 +155,7 @@ def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, 
 
 def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, image_shape, out,
                provenance: dict | None = None, arch_kwargs: dict | None = None, latent_shape=None,
-               output_range=None) -> Path:
+               output_range=None, latent_prior: str = "normal") -> Path:
     """Turn a third-party generator/discriminator checkpoint pair into an agu GAN directory.
 
     Arguments:
@@ -169,6 +169,8 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
         out: the agu GAN directory to write; an existing folder is only replaced if it is an agu
             checkpoint (holds ``card.json``).
         provenance: extra fields for the card (e.g. ``{"source": url, "license": "MIT"}``).
+        latent_prior: the z the generator was trained on, ``"normal"`` (default) or ``"uniform"``
+            (U(-1, 1)), for every architecture (as in ``GAN``; saved in the card).
 
     Returns ``out``. The card records the source file names and their SHA-256.
     """
@@ -223,7 +225,7 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     }
     try:
         gan = build_gan(arch, latent_dim, image_shape, provenance=prov, latent_shape=latent_shape, output_range=output_range,
-                        **arch_kwargs)
+                        latent_prior=latent_prior, **arch_kwargs)
     except ConfigError as e:
         raise (ConfigError(str(e)) if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
     except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)

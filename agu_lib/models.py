@@ -2,7 +2,8 @@
 built-in architectures (a DCGAN-style conv GAN and an MLP GAN).
 
 Conventions used everywhere in agu_lib:
-- latents are ``z ~ N(0, I)`` of shape ``(N, latent_dim)``;
+- latents are ``z ~ N(0, I)`` of shape ``(N, latent_dim)`` (a GAN trained on U(-1, 1) latents states
+  ``latent_prior="uniform"`` and its ``generator`` maps z there);
 - ``gan.generate(z)`` returns images ``(N, C, H, W)`` in ``[-1, 1]``;
 - ``gan.discriminate(x)`` returns raw logits ``(N,)`` (no sigmoid).
 """
@@ -284,9 +285,14 @@ def _positive_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
 
 
-def _check_conventions(latent_dim, latent_shape, output_range):
-    """``latent_dim`` as an int, ``latent_shape`` as a tuple (or None when it is ``(latent_dim,)``) and
-    ``output_range`` as two floats, or a ConfigError that says what to pass."""
+#: the latent priors a GAN may state: agu draws z ~ N(0, I) and maps it to the prior inside ``gan.generator``
+LATENT_PRIORS = ("normal", "uniform")
+
+
+def _check_conventions(latent_dim, latent_shape, output_range, latent_prior="normal"):
+    """``latent_dim`` as an int, ``latent_shape`` as a tuple (or None when it is ``(latent_dim,)``),
+    ``output_range`` as two floats and ``latent_prior`` one of ``LATENT_PRIORS``, or a ConfigError that says
+    what to pass."""
     if not _positive_int(latent_dim):
         hint = (f"; a generator that takes latents of shape {tuple(latent_dim)} needs latent_dim={math.prod(latent_dim)}, "
                 f"latent_shape={tuple(latent_dim)}" if isinstance(latent_dim, (tuple, list, torch.Size)) and latent_dim
@@ -307,7 +313,11 @@ def _check_conventions(latent_dim, latent_shape, output_range):
         raise ConfigError(f"output_range must be (low, high), e.g. (0, 1), got {output_range!r}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ConfigError(f"output_range must be two finite numbers, low < high, e.g. (0, 1); got {output_range!r}")
-    return latent_dim, latent_shape, (low, high)
+    if latent_prior not in LATENT_PRIORS:
+        raise ConfigError(f"latent_prior must be one of {', '.join(LATENT_PRIORS)} (the distribution of z the generator "
+                          f"was trained on: 'uniform' is U(-1, 1) per coordinate), got {latent_prior!r}; for another "
+                          "prior wrap the generator in a module that maps z ~ N(0, I) to it")
+    return latent_dim, latent_shape, (low, high), latent_prior
 
 
 class Rescale(nn.Module):
@@ -324,12 +334,24 @@ class Rescale(nn.Module):
         return f"scale={self.scale:g}, shift={self.shift:g}"
 
 
-def _adapted_generator(generator: nn.Module, latent_shape, output_range) -> nn.Module:
-    """``generator`` as agu calls it: z ``(N, latent_dim)`` in, images in [-1, 1] out (itself when it is so).
+class NormalToUniform(nn.Module):
+    """z -> erf(z / sqrt(2)), no weights: maps each coordinate of z ~ N(0, 1) to exactly U(-1, 1)
+    (2 Phi(z) - 1, Phi the normal CDF), for a generator trained on uniform latents."""
 
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.erf(z * 0.7071067811865476)
+
+
+def _adapted_generator(generator: nn.Module, latent_shape, output_range, latent_prior="normal") -> nn.Module:
+    """``generator`` as agu calls it: z ``(N, latent_dim)`` from N(0, I) in, images in [-1, 1] out (itself
+    when it is so).
+
+        z_own = erf(z / sqrt(2))   (latent_prior "uniform": U(-1, 1))
         x_agu = 2 (x - low) / (high - low) - 1
     """
-    steps = [nn.Unflatten(1, latent_shape)] if latent_shape is not None else []
+    steps = [NormalToUniform()] if latent_prior == "uniform" else []
+    if latent_shape is not None:
+        steps.append(nn.Unflatten(1, latent_shape))
     steps.append(generator)
     low, high = output_range
     if (low, high) != (-1.0, 1.0):
@@ -479,12 +501,17 @@ class GAN(nn.Module):
             ``(100, 1, 1)`` for pytorch/examples' DCGAN. agu still draws z ``(N, latent_dim)``.
         output_range: ``(low, high)`` of the generator's images, e.g. ``(0, 1)`` for a generator that
             ends in a sigmoid (its discriminator was trained on that range too); default ``(-1, 1)``.
+        latent_prior: the distribution of z the generator was trained on: ``"normal"`` (N(0, I), the
+            default) or ``"uniform"`` (U(-1, 1) per coordinate).
 
-    Latents are z ~ N(0, I): the stages draw their batches so (``training.sample_latent_batch``),
-    whatever ``sample_latents`` a subclass defines.
+    agu draws every latent as z ~ N(0, I), ``(N, latent_dim)`` (``sample_latents``; the stages'
+    batches, ``training.sample_latent_batch``). For ``latent_prior="uniform"`` ``gan.generator`` first
+    maps z to erf(z / sqrt(2)), exactly U(-1, 1), so sampling, both stages and every metric feed the
+    generator the prior it was trained on. A subclass that overrides ``sample_latents`` is refused (the
+    stages would not use it): wrap the generator in a module that maps N(0, I) to its prior instead.
 
-    With ``latent_shape`` or ``output_range``, ``gan.generator`` and ``gan.discriminator`` wrap the
-    modules given: ``nn.Sequential(nn.Unflatten(...), generator, <to [-1, 1]>)`` and
+    With ``latent_shape``, ``output_range`` or a uniform prior, ``gan.generator`` and ``gan.discriminator``
+    wrap the modules given: ``nn.Sequential(<to the prior>, nn.Unflatten(...), generator, <to [-1, 1]>)`` and
     ``nn.Sequential(<back to [low, high]>, discriminator)``; the wrappers hold no weights. Load
     pre-trained weights into your modules before building the GAN.
     """
@@ -500,13 +527,20 @@ class GAN(nn.Module):
         provenance: dict | None = None,
         latent_shape=None,
         output_range=None,
+        latent_prior: str = "normal",
     ):
         super().__init__()
+        if type(self).sample_latents is not GAN.sample_latents:
+            raise ConfigError(
+                f"{type(self).__name__} overrides sample_latents, but agu draws the stages' latents as z ~ N(0, I) "
+                "itself, so the override would be used in some places and not others: state the prior instead "
+                "(latent_prior='uniform' for U(-1, 1)), or wrap the generator in a module that maps z ~ N(0, I) to "
+                "the latents it was trained on")
         if len(tuple(image_shape)) != 3:
             raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         stated = output_range is not None
-        latent_dim, latent_shape, output_range = _check_conventions(latent_dim, latent_shape,
-                                                                    output_range if stated else (-1.0, 1.0))
+        latent_dim, latent_shape, output_range, latent_prior = _check_conventions(
+            latent_dim, latent_shape, output_range if stated else (-1.0, 1.0), latent_prior)
         sigmoid = _final_sigmoid(discriminator)
         if sigmoid is not None:
             raise ConfigError(
@@ -517,7 +551,8 @@ class GAN(nn.Module):
         self.latent_shape = latent_shape  # what the generator takes per sample, when not (latent_dim,)
         self.output_range = output_range  # the range the generator makes; agu sees [-1, 1]
         self.range_stated = stated  # False: (-1, 1) by default, so a [0, 1]-looking generator is refused
-        self.generator = _adapted_generator(generator, latent_shape, output_range)
+        self.latent_prior = latent_prior  # what the generator was trained on; agu draws N(0, I) and maps it
+        self.generator = _adapted_generator(generator, latent_shape, output_range, latent_prior)
         self.discriminator = _adapted_discriminator(discriminator, output_range)
         self._given = (generator, discriminator)  # a tuple: the same modules, not registered twice (copies keep them paired)
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -582,9 +617,9 @@ class GAN(nn.Module):
 
 
 def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None = None, *, latent_shape=None,
-              output_range=None, **arch_kwargs) -> GAN:
-    """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...); ``latent_shape`` and
-    ``output_range`` as in ``GAN``."""
+              output_range=None, latent_prior: str = "normal", **arch_kwargs) -> GAN:
+    """A freshly initialised GAN of a registered architecture (``dcgan``, ``mlp``, ...); ``latent_shape``,
+    ``output_range`` and ``latent_prior`` as in ``GAN``."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
     try:
@@ -598,7 +633,7 @@ def build_gan(arch: str, latent_dim: int, image_shape, provenance: dict | None =
                           f"it returned a {type(built).__name__}")
     g, d = built
     return GAN(g, d, latent_dim, image_shape, arch=arch, arch_kwargs=arch_kwargs, provenance=provenance,
-               latent_shape=latent_shape, output_range=output_range)
+               latent_shape=latent_shape, output_range=output_range, latent_prior=latent_prior)
 
 
 def generator_params(gan: GAN) -> list[torch.Tensor]:

@@ -122,7 +122,7 @@ def pretrain(
                               "is not registered: register its builder with agu_lib.register_architecture and give the GAN "
                               "arch= and arch_kwargs=")
         gan = build_gan(like.arch, like.latent_dim, like.image_shape, latent_shape=like.latent_shape,
-                        output_range=like.output_range, **like.arch_kwargs).to(device)
+                        output_range=like.output_range, latent_prior=like.latent_prior, **like.arch_kwargs).to(device)
     else:
         gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
     latent_dim = gan.latent_dim

@@ -266,3 +266,23 @@ def test_save_gan_of_imported_is_plain_agu(foreign_pair, tmp_path):
     gan = load_gan(import_gan("mlp", *foreign_pair, 4, (1, 4, 4), tmp_path / "a"))
     gan2 = load_gan(save_gan(gan, tmp_path / "b"))
     assert gan2.card["provenance"] == gan.card["provenance"]
+
+
+def test_cli_import_gan_of_uniform_latents(foreign_pair, tmp_path, capsys):
+    """--latent-prior uniform: the imported generator is fed erf(z / sqrt(2)), U(-1, 1), for agu's z ~ N(0, I)."""
+    g_path, d_path = foreign_pair
+    rc = main(["import-gan", "--arch", "mlp", "--generator", str(g_path), "--discriminator", str(d_path),
+               "--latent-dim", "4", "--image-shape", "1,4,4", "--latent-prior", "uniform", "--out", str(tmp_path / "gan")])
+    assert rc == 0 and "latents U(-1, 1)" in capsys.readouterr().out
+    gan = load_gan(tmp_path / "gan")
+    assert gan.latent_prior == "uniform" and gan.card["latent_prior"] == "uniform"
+    g = torch.load(g_path)
+    z = gan.sample_latents(3, seed=0)
+    u = torch.erf(z / 2 ** 0.5)
+    x_ref = torch.tanh(F.linear(F.relu(F.linear(u, g["0.weight"], g["0.bias"])), g["2.weight"], g["2.bias"]))
+    with torch.no_grad():
+        torch.testing.assert_close(gan.generate(z), x_ref.view(3, 1, 4, 4))
+    with pytest.raises(SystemExit):
+        main(["import-gan", "--arch", "mlp", "--generator", str(g_path), "--discriminator", str(d_path),
+              "--latent-dim", "4", "--image-shape", "1,4,4", "--latent-prior", "gauss", "--out", str(tmp_path / "g2")])
+    assert "--latent-prior: invalid choice: 'gauss' (choose from 'normal', 'uniform')" in capsys.readouterr().err

@@ -456,3 +456,68 @@ def test_a_device_this_machine_lacks_is_named_in_python(bn_gan):
         unlearn(bn_gan, torch.zeros(32, *SHAPE), None, UnlearnConfig(method="finetune", iters=1, negative_weight=0,
                                                                      preserve_weight=0, negative_latent_weight=0),
                 device="gpu", progress=False)
+
+
+class LatentRecorder(BNGenerator):
+    """The batch-norm generator, keeping the range, sum, sum of squares and lower-quarter count of every
+    latent batch it is given (not under vmap, the Fisher's per-sample gradients: no values there)."""
+
+    def __init__(self, latent_dim: int = 6):
+        super().__init__(latent_dim)
+        self.seen = []  # (min, max, n, sum, sum of squares, count below -0.5)
+
+    def forward(self, z):
+        z_ = z.detach()
+        try:
+            self.seen.append((float(z_.min()), float(z_.max()), z_.numel(), float(z_.sum()), float((z_ ** 2).sum()),
+                              int((z_ < -0.5).sum())))
+        except RuntimeError:  # vmap's batched tensors have no values
+            pass
+        return super().forward(z)
+
+
+def test_a_generator_trained_on_uniform_latents_gets_them_everywhere(tmp_path):
+    """latent_prior="uniform": sampling, both stages and the metrics feed the generator U(-1, 1) latents
+    (agu draws N(0, I) and maps it through erf(z / sqrt(2))); saved and restored with the GAN."""
+    agu_lib.register_architecture("test-uniform", lambda latent_dim, image_shape: (LatentRecorder(latent_dim),
+                                                                                   bn_discriminator()))
+    try:
+        torch.manual_seed(0)
+        gan = agu_lib.build_gan("test-uniform", 6, SHAPE, latent_prior="uniform")
+        g = gan.given_generator
+        gan.sample(4000, seed=1)
+        lo, hi, n, s, s2, below = (f(v[i] for v in g.seen) for i, f in enumerate((min, max, sum, sum, sum, sum)))
+        assert -1 <= lo and hi <= 1 and n == 4000 * 6
+        assert abs(s / n) < 0.02 and abs(s2 / n - 1 / 3) < 0.01 and abs(below / n - 0.25) < 0.01  # U(-1, 1)
+        g.seen.clear()
+        fb = collect(gan, bright, 200, seed=0)
+        adapted = adapt(gan, fb.negatives, AdaptConfig(iters=3, n_models=1, batch_size=8), progress=False).models
+        out = unlearn(gan, fb, adapted, UnlearnConfig(iters=3, batch_size=16), progress=False).gan
+        evaluate(out, make_context(gan, bright, n_eval=64), ["pul"])
+        assert len(g.seen) > 5 and all(-1 <= v[0] and v[1] <= 1 for v in g.seen)
+        assert out.latent_prior == "uniform"
+        data = agu_lib.ImageSet(gan.sample(32, seed=5), None, "samples")
+        assert pretrain(data, PretrainConfig(iterations=1, batch_size=16, eval_every=1), progress=False,
+                        like=gan)[0].latent_prior == "uniform"  # retraining from scratch: the same prior
+        assert all(-1 <= v[0] and v[1] <= 1 for v in out.given_generator.seen[-3:])  # the unlearned GAN's own generator
+        loaded = load_gan(save_gan(out, tmp_path / "g"))
+        assert loaded.card["latent_prior"] == "uniform" and loaded.latent_prior == "uniform"
+        assert torch.equal(loaded.sample(8), out.sample(8))
+        plain = load_gan(save_gan(agu_lib.build_gan("test-uniform", 6, SHAPE), tmp_path / "plain"))
+        assert "latent_prior" not in plain.card and plain.latent_prior == "normal"
+        plain.sample(2000)
+        assert min(v[0] for v in plain.given_generator.seen) < -2  # N(0, I) as before
+    finally:
+        agu_lib.models.ARCHITECTURES.pop("test-uniform")
+
+
+def test_an_unknown_prior_or_an_own_sample_latents_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"latent_prior must be one of normal, uniform.*'uniform' is U\(-1, 1\)"):
+        agu_lib.GAN(BNGenerator(), bn_discriminator(), 6, SHAPE, latent_prior="gaussian")
+
+    class OwnLatents(agu_lib.GAN):
+        def sample_latents(self, n, seed=0, device=None):
+            return torch.rand(n, self.latent_dim) * 2 - 1
+
+    with pytest.raises(ConfigError, match=r"OwnLatents overrides sample_latents.*latent_prior='uniform'"):
+        OwnLatents(BNGenerator(), bn_discriminator(), 6, SHAPE)
