@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .errors import AguError, ConfigError, DataError
+from .errors import AguError, CheckpointError, ConfigError, DataError
 from .models import import_architectures
 
 
@@ -144,17 +144,22 @@ MAX_GRID = 10_000  # agu sample: samples in one grid (100 x 100 images)
 
 def cmd_sample(args) -> None:
     from .checkpoint import load_gan
-    from .plotting import save_grid
+    from .plotting import save_grid, written_by_agu
 
     if not 1 <= args.n <= MAX_GRID:
         raise ConfigError(f"--n must be between 1 and {MAX_GRID:,} (one grid image), got {args.n}")
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg") or out.is_dir():
         raise ConfigError(f"--out {args.out} must be an image file name ending in .png, .jpg or .jpeg")
+    replaces = out.exists()
+    if replaces and not written_by_agu(out):
+        raise CheckpointError(f"--out {args.out} exists and is not an image agu wrote; agu sample replaces only its own "
+                              "grids. Choose another --out, or move that file away")
     gan = load_gan(args.gan, device=pick_device(args.device))
     x = gan.sample(args.n, seed=args.seed)
     save_grid(x, args.out)
-    print(f"wrote {args.n} samples of {args.gan} (seed {args.seed}) to {args.out}")
+    print(f"wrote {args.n} samples of {args.gan} (seed {args.seed}) to {args.out}"
+          + (" (replacing the grid that was there)" if replaces else ""))
 
 
 def parse_image_shape(text: str) -> tuple[int, int, int]:

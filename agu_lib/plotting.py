@@ -26,14 +26,46 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, scale
     return grid.permute(1, 2, 0).numpy()
 
 
+MARK = "agu"  # what save_grid writes into an image (PNG "Software" text, JPEG comment)
+
+
 def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | None = None) -> Path:
-    """Save a grid PNG of ``(N, C, H, W)`` images; small images are upscaled to be readable."""
-    from PIL import Image
+    """Save a grid image (PNG, or JPEG by the suffix) of ``(N, C, H, W)`` images, marked as agu's
+    (``written_by_agu``); small images are upscaled to be readable. The file is written beside
+    ``path`` and then moved there, so an interrupted save leaves any earlier image whole."""
+    import os
+
+    from PIL import Image, PngImagePlugin
 
     h = images.shape[-1]
     scale = scale or max(1, 64 // h)
     arr = make_grid(images, nrow=nrow, scale=scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
+    image = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", MARK)
+        mark = {"pnginfo": info}
+    else:
+        mark = {"comment": MARK}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format=fmt, **mark)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def written_by_agu(path) -> bool:
+    """Whether ``path`` is an image that ``save_grid`` wrote (it carries agu's mark)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mark = image.info.get("Software", image.info.get("comment"))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return mark in (MARK, MARK.encode())

@@ -20,6 +20,23 @@ def test_sample_writes_a_grid(tmp_path, capsys):
     assert "wrote 16 samples" in capsys.readouterr().out
 
 
+def test_sample_replaces_only_its_own_grid(tmp_path, capsys):
+    """agu sample writes over a grid it wrote before, never over another file (a photo, a figure)."""
+    own, jpg = tmp_path / "grid.png", tmp_path / "grid.jpg"
+    for out in (own, jpg):
+        assert cli.main(["sample", "digits", "--n", "4", "--out", str(out), "--device", "cpu"]) == 0
+        first = out.read_bytes()
+        assert cli.main(["sample", "digits", "--n", "4", "--seed", "1", "--out", str(out), "--device", "cpu"]) == 0
+        assert "(replacing the grid that was there)" in capsys.readouterr().out and out.read_bytes() != first
+    photo = tmp_path / "photo.png"
+    Image.new("L", (8, 8), 200).save(photo)
+    before = photo.read_bytes()
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(photo), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not an image agu wrote" in err and "Choose another --out" in err and len(err.strip().splitlines()) == 1
+    assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg", "grid.png", "photo.png"]
+
+
 def test_info_prints_the_card(capsys):
     assert cli.main(["info", "digits"]) == 0
     card = json.loads(capsys.readouterr().out)
