@@ -322,3 +322,24 @@ def test_notebook_runs_in_ci_mode_and_matches(path, tmp_path):
     out = tmp_path / path.name
     refresh_notebooks.execute(path, out, "ci")
     assert refresh_notebooks.compare(read(path), read(out)) == []
+
+
+def test_the_book_runs_its_kernels_over_unix_sockets_without_the_tcp_warning(tmp_path, capfd):
+    """agu book / refresh_notebooks execute through papermill over IPC (POSIX): no "running over TCP
+    without encryption" warning for every chapter, and no socket file left behind."""
+    pm = pytest.importorskip("papermill")
+    if os.name == "nt":
+        assert refresh_notebooks._kernel_manager() == {}
+        return
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src, dst = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, src)
+    sockets = lambda: {p.name for p in Path(refresh_notebooks.tempfile.gettempdir()).glob("agu-kernel-*")}
+    before = sockets()
+    pm.execute_notebook(str(src), str(dst), cwd=str(tmp_path), kernel_name="python3", progress_bar=False,
+                        log_output=False, **refresh_notebooks._kernel_manager())
+    assert nbformat.read(dst, 4).cells[0].outputs[0]["text"] == "42\n"
+    assert "without encryption" not in capfd.readouterr().err
+    assert sockets() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.ipynb", "out.ipynb"]

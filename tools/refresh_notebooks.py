@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import nbformat
@@ -45,6 +46,24 @@ def is_checked(cell) -> bool:
     return cell.cell_type == "code" and CHECK_TAG in cell.get("metadata", {}).get("tags", [])
 
 
+def _kernel_manager():
+    """papermill's kernel manager, talking to the kernel over Unix sockets (IPC) where there are any:
+    over TCP on localhost every kernel prints a warning of eavesdropping, which only alarms readers
+    (Windows has no IPC transport: TCP there)."""
+    if os.name == "nt":
+        return {}
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            # its sockets are the files <ip>-1 ... <ip>-5, removed when the kernel stops: one name per kernel
+            self.ip = os.path.join(tempfile.gettempdir(), f"agu-kernel-{uuid.uuid4().hex[:12]}")
+
+    return {"kernel_manager_class": IPCKernelManager}
+
+
 def execute(src: Path, dst: Path, mode: str = "ci", timeout: int = 900) -> float:
     """Run ``src`` with papermill in ``mode`` (the notebook's MODE reads ``AGU_MODE``) into ``dst``,
     with the notebooks folder as working directory; returns the seconds it took."""
@@ -55,7 +74,7 @@ def execute(src: Path, dst: Path, mode: str = "ci", timeout: int = 900) -> float
     t = time.perf_counter()
     try:
         pm.execute_notebook(str(src), str(dst), cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
-                            execution_timeout=timeout, log_output=False)
+                            execution_timeout=timeout, log_output=False, **_kernel_manager())
     finally:
         if before is None:
             os.environ.pop("AGU_MODE", None)
