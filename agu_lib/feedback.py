@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, FeedbackError
-from .models import check_gan, evaluating
+from .models import check_gan, check_output_range, evaluating
 
 
 class ClassifierOracle:
@@ -120,6 +120,7 @@ def collect(gan, oracle, n_samples: int, seed: int, min_negatives: int = 0, batc
     with evaluating(gan):  # each latent's image on its own, whatever the batch (batch norm)
         x = torch.cat([gan.generate(zb) for zb in z.split(batch_size)]).cpu()
     z = z.cpu()
+    check_output_range(gan, x)  # every sample, beyond check_gan's few
     neg = oracle(x)
     if not isinstance(neg, torch.Tensor) or neg.dtype != torch.bool or neg.shape != (n_samples,):
         got = f"{neg.dtype} {tuple(neg.shape)}" if isinstance(neg, torch.Tensor) else type(neg).__name__

@@ -19,7 +19,7 @@ import torch
 from .data import check_images
 from .errors import ConfigError, TrainingError
 from .losses import flatten_params
-from .models import GAN, check_gan, evaluating, generator_params
+from .models import GAN, check_gan, check_output_range, evaluating, generator_params
 
 # ----------------------------------------------------------------------------------------
 # Building blocks
@@ -162,6 +162,7 @@ def make_context(
         check_real_images(real_images, original.image_shape)
     z = original.sample_latents(n_eval, seed=seed, device="cpu")
     x = generate_batched(original, z)
+    check_output_range(original, x)  # every evaluation sample, beyond check_gan's few
     ctx = EvalContext(original, oracle, z, classifier, [int(c) for c in forget], retrained=retrained, adapted=list(adapted or []))
     ctx.orig_negative = oracle(x)
     if classifier is not None:

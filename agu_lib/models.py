@@ -458,19 +458,32 @@ def check_gan(gan: GAN) -> None:
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
 
 
+def _refuse_outside(lo: float, hi: float, output_range, n: int) -> None:
+    """A ConfigError when G's images (agu's [-1, 1] scale) reach [lo, hi] beyond its output range."""
+    if not (lo < -1 - 2 * RANGE_SLACK or hi > 1 + 2 * RANGE_SLACK):  # (NaN images: a training error, raised elsewhere)
+        return
+    low, high = output_range
+    to_own = lambda v: low + (v + 1) * (high - low) / 2
+    raise ConfigError(
+        f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}] (over {n} samples), outside its output range "
+        f"[{low:g}, {high:g}]: agu's classifiers, metrics and losses need images inside it. End the generator in a tanh "
+        f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output range "
+        "(output_range=(low, high); agu import-gan --output-range low,high)")
+
+
+def check_output_range(gan: GAN, x: torch.Tensor) -> None:
+    """``check_gan`` looks at 16 samples; feedback and evaluation look at all the images they draw from
+    the GAN (``x``, agu's scale) with this: a ConfigError when some leave its output range."""
+    _refuse_outside(float(x.min()), float(x.max()), gan.output_range, len(x))
+
+
 def _check_range(x: torch.Tensor, output_range, stated: bool = True) -> None:
     """G's images ``x`` (agu's [-1, 1] scale) must lie in the GAN's output range. All of them >= 0 is the
     mark of a [0, 1] generator: refused when the range was not stated (the scores would be wrong), a
     warning when (-1, 1) was stated."""
     low, high = output_range
     lo, hi = float(x.min()), float(x.max())
-    to_own = lambda v: low + (v + 1) * (high - low) / 2
-    if lo < -1 - 2 * RANGE_SLACK or hi > 1 + 2 * RANGE_SLACK:
-        raise ConfigError(
-            f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}], outside its output range [{low:g}, {high:g}]: "
-            "agu's classifiers, metrics and losses need images inside it. End the generator in a tanh "
-            f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output range "
-            "(output_range=(low, high); agu import-gan --output-range low,high)")
+    _refuse_outside(lo, hi, output_range, len(x))
     if (low, high) == (-1.0, 1.0) and lo >= 0:
         text = (f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
                 "(a final sigmoid), say so with output_range=(0, 1) (agu_lib.GAN(...), or agu import-gan --output-range "

@@ -332,6 +332,24 @@ def test_a_generator_without_a_final_tanh_is_refused_before_its_samples_are():
         collect(loose, bright, 64, seed=0)  # (adapt refused the GAN's own negatives with advice about 0..255)
 
 
+class RareOutliers(BNGenerator):
+    """tanh images, but 3 above them where z[0] > 2.5: about 0.6% of latents, none of check_gan's 16."""
+
+    def forward(self, z):
+        return super().forward(z) + 3.0 * (z[:, :1] > 2.5).float().view(-1, 1, 1, 1)
+
+
+def test_images_outside_the_range_are_found_in_every_sample_feedback_and_evaluation_draw():
+    torch.manual_seed(0)
+    gan = agu_lib.GAN(RareOutliers(), bn_discriminator(), 6, SHAPE)
+    check_gan(gan)  # its 16 samples are all inside [-1, 1]
+    with pytest.raises(ConfigError, match=r"reach \[-0\.9\d*, 3\.8\d*\] \(over 2000 samples\), outside its output range \[-1, 1\]"):
+        collect(gan, bright, 2000, seed=0)
+    with pytest.raises(ConfigError, match=r"\(over 2000 samples\), outside its output range"):
+        make_context(gan, bright, n_eval=2000)
+    collect(gan, bright, 64, seed=0)  # none of these 64 latents has z[0] > 2.5: nothing to refuse
+
+
 def test_float64_channels_last_and_old_spectral_norm_are_refused_with_the_fix(bn_gan):
     double = agu_lib.GAN(BNGenerator().double(), bn_discriminator().double(), 6, SHAPE)
     with pytest.raises(ConfigError, match=r"float64 weights.*gan.float\(\)"):
