@@ -187,15 +187,20 @@ def cmd_import_gan(args) -> None:
         raise ConfigError(f"--arch-kwargs must be a JSON object, e.g. '{{\"ngf\": 64}}'; {e}") from None
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ConfigError(f"--arch-kwargs must be a JSON object, e.g. '{{\"ngf\": 64}}', got {args.arch_kwargs!r}")
+    if (args.discriminator is None) == (not args.fresh_discriminator):
+        raise ConfigError("give the discriminator's checkpoint (--discriminator D.ckpt) or, for a GAN released without "
+                          "one, --fresh-discriminator (a freshly initialised D; a pre-trained one removes more), not "
+                          + ("both" if args.fresh_discriminator else "neither"))
     latent_shape = _numbers("--latent-shape", args.latent_shape, int, "100,1,1") if args.latent_shape else None
     output_range = _numbers("--output-range", args.output_range, float, "0,1") if args.output_range else None
     out = import_gan(args.arch, args.generator, args.discriminator, args.latent_dim, shape, args.out, provenance=prov,
                      arch_kwargs=kwargs, latent_shape=latent_shape, output_range=output_range,
-                     latent_prior=args.latent_prior)
+                     latent_prior=args.latent_prior, fresh_discriminator_seed=args.seed)
     gan = load_gan(out)
     prior = ", latents U(-1, 1)" if gan.latent_prior == "uniform" else ""
+    fresh = f", a fresh discriminator (seed {args.seed})" if args.fresh_discriminator else ""
     print(f"imported {args.arch} GAN ({json.dumps(gan.arch_kwargs)}, latent_dim {gan.latent_dim}{prior}, "
-          f"images {'x'.join(map(str, gan.image_shape))}) to {out}")
+          f"images {'x'.join(map(str, gan.image_shape))}{fresh}) to {out}")
 
 
 def _numbers(flag: str, text: str, kind, example: str) -> tuple:
@@ -811,7 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-prior", default="normal", choices=["normal", "uniform"], help="the latents the generator was "
                    "trained on: normal, N(0, I) (default), or uniform, U(-1, 1) (agu draws N(0, I) and maps it there)")
     p.add_argument("--generator", required=True, help="generator checkpoint (torch.save file; tensors only)")
-    p.add_argument("--discriminator", required=True, help="discriminator checkpoint (torch.save file; tensors only)")
+    p.add_argument("--discriminator", default=None, help="discriminator checkpoint (torch.save file; tensors only)")
+    p.add_argument("--fresh-discriminator", action="store_true", help="no discriminator was released: a freshly "
+                   "initialised one (drawn with --seed); a pre-trained D removes more")
     p.add_argument("--latent-dim", type=int, required=True, help="size of z the generator takes")
     p.add_argument("--image-shape", required=True, help="C,H,W of the images, e.g. 1,28,28")
     p.add_argument("--out", required=True, help="agu GAN directory to write")

@@ -15,6 +15,9 @@ Supported layouts:
 - ``dcgan``: the keys must be agu's own DCGAN names (``fc.*``, ``blocks.<i>.*`` for G;
   ``convs.<i>.*``, ``fc.*`` for D); the channel widths are read from the weights.
 
+A GAN released without its discriminator imports with ``discriminator_path=None``
+(``agu import-gan --fresh-discriminator``): its D is freshly initialised from a seed.
+
 A file may hold the state dict itself or wrap it under a common key (``state_dict``, ``model``,
 ``generator``/``G``/``netG``, ``discriminator``/``D``/``netD``, ...); a ``module.`` prefix left
 by ``nn.DataParallel`` is removed.
@@ -135,8 +138,8 @@ def _to_agu_mlp(stack, n_in: int, n_out: int, path: Path, role: str, in_what: st
     return state, [w.shape[0] for w, _ in stack[:-1]]
 
 
-def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, d_path: Path) -> dict:
-    """``channels``/``d_channels`` of agu's DCGAN, read from the weights."""
+def _dcgan_kwargs(g: dict, d: dict | None, latent_dim: int, image_shape, g_path: Path, d_path: Path | None) -> dict:
+    """``channels``/``d_channels`` of agu's DCGAN, read from the weights (without D's: D as wide as G)."""
     try:
         s0, n = _upsampling_plan(image_shape[1])
     except ConfigError as e:
@@ -148,6 +151,8 @@ def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, 
         raise CheckpointError(f"{g_path}: fc.weight takes {cols} inputs, but latent_dim is {latent_dim}")
     if rows % (s0 * s0):
         raise CheckpointError(f"{g_path}: fc.weight has {rows} outputs, not a multiple of {s0}x{s0} for {image_shape[1]}px images")
+    if d is None:
+        return {"channels": rows // (s0 * s0)}
     if "convs.0.weight" not in d or d["convs.0.weight"].dim() != 4:
         raise CheckpointError(f"{d_path} has no 4-D 'convs.0.weight': dcgan imports need agu's own DCGAN key names (convs.N, fc)")
     return {"channels": rows // (s0 * s0), "d_channels": d["convs.0.weight"].shape[0] * 2 ** max(n - 1, 0)}
@@ -155,7 +160,7 @@ def _dcgan_kwargs(g: dict, d: dict, latent_dim: int, image_shape, g_path: Path, 
 
 def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, image_shape, out,
                provenance: dict | None = None, arch_kwargs: dict | None = None, latent_shape=None,
-               output_range=None, latent_prior: str = "normal") -> Path:
+               output_range=None, latent_prior: str = "normal", fresh_discriminator_seed: int = 0) -> Path:
     """Turn a third-party generator/discriminator checkpoint pair into an agu GAN directory.
 
     Arguments:
@@ -164,6 +169,11 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
             the modules its builder makes with ``arch_kwargs`` (keys and shapes checked), and the GAN
             gets ``latent_shape`` and ``output_range`` (as in ``GAN``) and is checked on one batch.
         generator_path, discriminator_path: the foreign files (``torch.save`` output).
+            ``discriminator_path=None`` for a GAN released without its discriminator: the GAN gets a
+            freshly initialised D of the architecture (mlp: G's hidden sizes reversed; dcgan: as wide
+            as G), drawn with ``torch.manual_seed(fresh_discriminator_seed)`` (the caller's random
+            state is left as it was). Both stages train D; a pre-trained one removes more (README,
+            "Only a generator?").
         latent_dim: size of z the generator takes; checked against its first layer.
         image_shape: ``(C, H, W)`` of the images; checked against the weights.
         out: the agu GAN directory to write; an existing folder is only replaced if it is an agu
@@ -174,7 +184,8 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
 
     Returns ``out``. The card records the source file names and their SHA-256.
     """
-    g_path, d_path, out = Path(generator_path), Path(discriminator_path), Path(out)
+    g_path, out = Path(generator_path), Path(out)
+    d_path = Path(discriminator_path) if discriminator_path is not None else None
     image_shape = tuple(int(s) for s in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ConfigError(f"image_shape must be three positive integers (C, H, W), got {image_shape}")
@@ -192,40 +203,49 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
                           "latent_shape and output_range are for a registered architecture of your own")
     if out.exists() and not (out / "card.json").is_file():
         raise CheckpointError(f"{out} exists and is not an agu checkpoint directory; choose another output path")
-    g_sd, d_sd = _load_foreign(g_path, "generator"), _load_foreign(d_path, "discriminator")
+    g_sd = _load_foreign(g_path, "generator")
+    d_sd = _load_foreign(d_path, "discriminator") if d_path is not None else None
 
     notes = []
     if arch == "mlp":
         n_pix = math.prod(image_shape)
         pixels = f"C*H*W of image_shape {image_shape}"
         g_state, g_hidden = _to_agu_mlp(_linear_stack(g_sd, g_path), latent_dim, n_pix, g_path, "generator", "latent_dim", pixels)
-        d_state, d_hidden = _to_agu_mlp(_linear_stack(d_sd, d_path), n_pix, 1, d_path, "discriminator", pixels,
-                                        "one logit per image")
+        if d_sd is not None:
+            d_state, d_hidden = _to_agu_mlp(_linear_stack(d_sd, d_path), n_pix, 1, d_path, "discriminator", pixels,
+                                            "one logit per image")
+        else:
+            d_state, d_hidden = None, g_hidden[::-1]
         arch_kwargs = {"g_hidden": g_hidden, "d_hidden": d_hidden}
-        notes += [
-            "activations are not stored in weights; assumed G: ReLU between layers, tanh output; D: LeakyReLU(0.2)",
-            "a final Sigmoid of the foreign discriminator (no parameters) is dropped: agu's D returns logits",
-        ]
+        notes.append("activations are not stored in weights; assumed G: ReLU between layers, tanh output; D: LeakyReLU(0.2)")
+        if d_sd is not None:
+            notes.append("a final Sigmoid of the foreign discriminator (no parameters) is dropped: agu's D returns logits")
     elif arch == "dcgan":
         g_state, d_state = g_sd, d_sd
         arch_kwargs = _dcgan_kwargs(g_sd, d_sd, latent_dim, image_shape, g_path, d_path)
     else:
         g_state, d_state, arch_kwargs = g_sd, d_sd, dict(arch_kwargs or {})
         notes.append(f"loaded as they are into the modules of architecture {arch!r} with arch_kwargs {arch_kwargs}")
+    if d_sd is None:
+        notes.append(f"no discriminator was given: D is freshly initialised (torch.manual_seed({fresh_discriminator_seed}))")
 
     prov = {
-        "imported_from": f"third-party {arch} checkpoints {g_path.name} (generator) and {d_path.name} "
-                         "(discriminator), converted by agu_lib.foreign.import_gan",
+        "imported_from": f"third-party {arch} checkpoints {g_path.name} (generator) and "
+                         f"{d_path.name + ' (discriminator)' if d_path is not None else 'no discriminator (a fresh one)'}, "
+                         "converted by agu_lib.foreign.import_gan",
         "source_files": {
             "generator": {"name": g_path.name, "sha256": sha256_file(g_path)},
-            "discriminator": {"name": d_path.name, "sha256": sha256_file(d_path)},
+            "discriminator": ({"name": d_path.name, "sha256": sha256_file(d_path)} if d_path is not None
+                              else {"fresh": True, "seed": fresh_discriminator_seed}),
         },
         "notes": notes,
         **(provenance or {}),
     }
     try:
-        gan = build_gan(arch, latent_dim, image_shape, provenance=prov, latent_shape=latent_shape, output_range=output_range,
-                        latent_prior=latent_prior, **arch_kwargs)
+        with torch.random.fork_rng(devices=[]):  # the fresh D's draw, without touching the caller's random state
+            torch.manual_seed(fresh_discriminator_seed)
+            gan = build_gan(arch, latent_dim, image_shape, provenance=prov, latent_shape=latent_shape,
+                            output_range=output_range, latent_prior=latent_prior, **arch_kwargs)
     except ConfigError as e:
         raise (ConfigError(str(e)) if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
     except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)
@@ -233,7 +253,8 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     fix = (f"the files are not of architecture {arch!r} as its builder makes it with arch_kwargs {arch_kwargs}: give "
            "the arguments the checkpoint was trained with (--arch-kwargs), or register the modules it holds") if own else None
     load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", fix)
-    load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)", fix)
+    if d_state is not None:
+        load_state_checked(gan.given_discriminator, d_state, f"{d_path} (discriminator)", fix)
     if own:
         check_gan(gan)  # one batch: latent shape, output range, one logit per image
     return save_gan(gan, out, extra={"imported": True})

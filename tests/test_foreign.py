@@ -286,3 +286,43 @@ def test_cli_import_gan_of_uniform_latents(foreign_pair, tmp_path, capsys):
         main(["import-gan", "--arch", "mlp", "--generator", str(g_path), "--discriminator", str(d_path),
               "--latent-dim", "4", "--image-shape", "1,4,4", "--latent-prior", "gauss", "--out", str(tmp_path / "g2")])
     assert "--latent-prior: invalid choice: 'gauss' (choose from 'normal', 'uniform')" in capsys.readouterr().err
+
+
+def test_a_generator_released_alone_gets_a_fresh_seeded_discriminator(foreign_pair, tmp_path, capsys):
+    """No discriminator file: G as released, D freshly initialised from a seed (the caller's random state untouched)."""
+    g_path, _ = foreign_pair
+    state = torch.random.get_rng_state()
+    import_gan("mlp", g_path, None, 4, (1, 4, 4), tmp_path / "a")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    a = load_gan(tmp_path / "a")
+    b = load_gan(import_gan("mlp", g_path, None, 4, (1, 4, 4), tmp_path / "b"))
+    c = load_gan(import_gan("mlp", g_path, None, 4, (1, 4, 4), tmp_path / "c", fresh_discriminator_seed=1))
+    assert a.arch_kwargs == {"g_hidden": [8], "d_hidden": [8]}
+    same = lambda x, y: all(torch.equal(v, y.discriminator.state_dict()[k]) for k, v in x.discriminator.state_dict().items())
+    assert same(a, b) and not same(a, c)
+    g = torch.load(g_path)
+    z = a.sample_latents(3, seed=0)
+    x_ref = torch.tanh(F.linear(F.relu(F.linear(z, g["0.weight"], g["0.bias"])), g["2.weight"], g["2.bias"]))
+    with torch.no_grad():
+        torch.testing.assert_close(a.generate(z), x_ref.view(3, 1, 4, 4))
+    prov = a.card["provenance"]
+    assert prov["source_files"]["discriminator"] == {"fresh": True, "seed": 0}
+    assert any("freshly initialised (torch.manual_seed(0))" in n for n in prov["notes"])
+    assert not any("Sigmoid" in n for n in prov["notes"])
+
+    torch.manual_seed(0)
+    src = build_gan("dcgan", 8, (1, 16, 16), channels=16, d_channels=8)
+    torch.save(src.generator.state_dict(), tmp_path / "g.pt")
+    dc = load_gan(import_gan("dcgan", tmp_path / "g.pt", None, 8, (1, 16, 16), tmp_path / "dc"))
+    assert dc.arch_kwargs == {"channels": 16}  # D as wide as G
+    with torch.no_grad():
+        torch.testing.assert_close(dc.generate(z.new_zeros(2, 8)), src.generate(z.new_zeros(2, 8)))
+
+    args = ["import-gan", "--arch", "mlp", "--generator", str(g_path), "--latent-dim", "4", "--image-shape", "1,4,4"]
+    assert main([*args, "--out", str(tmp_path / "n")]) == 2
+    assert "--fresh-discriminator" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    assert main([*args, "--discriminator", str(foreign_pair[1]), "--fresh-discriminator", "--out", str(tmp_path / "n")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*args, "--fresh-discriminator", "--seed", "3", "--out", str(tmp_path / "cli")]) == 0
+    assert "a fresh discriminator (seed 3)" in capsys.readouterr().out
+    assert load_gan(tmp_path / "cli").card["provenance"]["source_files"]["discriminator"] == {"fresh": True, "seed": 3}
