@@ -448,11 +448,16 @@ def check_gan(gan: GAN) -> None:
                                   "raw logit per image, (N,) or (N, 1)")
             outs.append(out.reshape(-1).float())
         out = torch.cat(outs)
-    if bool(((out >= 0) & (out <= 1)).all()) and float(out.std()) > 0:
+        in_unit = lambda t: bool(((t >= 0) & (t <= 1)).all())
+        # A sigmoid keeps D's outputs in [0, 1] whatever the input; a D that returns logits (an untrained one
+        # may happen to give small positive ones) leaves [0, 1] on images scaled far beyond [-1, 1].
+        probabilities = (in_unit(out) and float(out.std()) > 0
+                         and in_unit(gan.discriminator(torch.cat([noise, blank]) * 100).reshape(-1).float()))
+    if probabilities:
         warnings.warn(
-            "the discriminator's outputs all lie in [0, 1] (on the generator's samples, on noise and on blank images): "
-            "does it end in a sigmoid? agu's losses need raw logits; remove the final sigmoid (the weights stay the "
-            "same), or the GAN will barely learn", stacklevel=1)
+            "the discriminator's outputs all lie in [0, 1] (on the generator's samples, on noise, on blank images and on "
+            "images scaled 100x): does it end in a sigmoid? agu's losses need raw logits; remove the final sigmoid (the "
+            "weights stay the same), or the GAN will barely learn", stacklevel=1)
 
 
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more

@@ -88,6 +88,16 @@ def test_a_sigmoid_inside_forward_is_warned_about(bn_gan):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # raw logits: no warning
         check_gan(bn_gan)
+        # an untrained D whose logits happen to lie in [0, 1] (about 0.5 here): they leave it on scaled images
+        torch.manual_seed(0)
+        fresh = nn.Sequential(nn.Flatten(), nn.Linear(144, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        with torch.no_grad():
+            fresh[3].bias.fill_(0.5)
+            fresh[3].weight.mul_(0.1)
+        untrained = agu_lib.GAN(BNGenerator(), fresh, 6, SHAPE)
+        out = untrained.discriminate(untrained.sample(16)).detach()
+        assert bool(((out > 0.4) & (out < 0.6)).all())
+        check_gan(untrained)
 
 
 def test_shapes_that_do_not_fit_are_named(bn_gan):
