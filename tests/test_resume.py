@@ -123,10 +123,13 @@ def test_killed_run_resumes_to_the_same_metrics(gan_dir, reference, tmp_path, ca
     monkeypatch.setattr(pipeline_module, "adapt", no_adapt)
     monkeypatch.setattr(LossLog, "add", lambda self, step, *v: steps.append(step + 1) or real_add(self, step, *v))
     capsys.readouterr()
+    stage1_seconds = json.loads((partial / "adapted.json").read_text())["seconds"]
     assert cli.main(run_argv(gan_dir, out, "--resume")) == 0
     assert f"resuming from {partial}" in capsys.readouterr().err
     assert steps == list(range(9, ITERS + 1))
     assert metrics_without_times(out) == metrics_without_times(reference)
+    seconds = json.loads((out / "metrics.json").read_text())["seconds"]
+    assert seconds["adapt"] == round(stage1_seconds, 2) > 0  # stage 1's time as it ran, not the reload's
     assert (out / "log.json").read_bytes() == (reference / "log.json").read_bytes()
     assert (out / "unlearned/generator.safetensors").read_bytes() == (reference / "unlearned/generator.safetensors").read_bytes()
     assert not partial.exists()  # a complete run leaves no state behind
@@ -258,3 +261,21 @@ def test_a_run_says_when_it_replaces_an_earlier_one_and_lists_what_it_wrote(gan_
     assert cli.main(run_argv(gan_dir, out, "--seed", "1")) == 0
     assert f"agu: {out} holds an earlier run; this run replaces it when it finishes" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["seed"] == 1
+
+
+def test_the_evaluation_refuses_a_gan_before_the_stages_run(gan_dir, tmp_path, capsys, monkeypatch):
+    """The evaluation latents are scored before any training: a GAN the evaluation refuses (images
+    outside its range on some latent) costs no stage time, and no --resume is offered for it."""
+    def refuse(*args, **kwargs):
+        raise ConfigError("the generator's images reach [-1, 1.5] (over 20 samples), outside its output range [-1, 1]")
+
+    def no_adapt(*args, **kwargs):
+        raise AssertionError("stage 1 ran before the evaluation's check")
+
+    monkeypatch.setattr(pipeline_module, "make_context", refuse)
+    monkeypatch.setattr(pipeline_module, "adapt", no_adapt)
+    out = tmp_path / "run"
+    assert cli.main(run_argv(gan_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert "outside its output range" in err and "--resume" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
