@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -474,8 +475,9 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
         shared = {"gan": gan.cpu(), "classifier": classifier, "seeds": seeds, "config": config, "methods": methods,
                   "real": real, "device": "cpu", "progress": False, "extra_config": extra_config}
         work = [{**shared, "forget_classes": [cls], "out": Path(tmp) / str(cls)} for cls in forget_classes]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=import_architectures,
-                                 initargs=(list(IMPORTED),)) as pool:  # (a user architecture: its file first)
+        one_line = getattr(warnings.showwarning, "__module__", None) == "agu_lib.cli"  # the CLI's notes, in workers too
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                                 initargs=(list(IMPORTED), one_line)) as pool:
             parts = []
             for cls, part in zip(forget_classes, pool.map(_table_part, [threads] * len(work), work)):
                 parts.append(part)
@@ -486,6 +488,16 @@ def _table_in_processes(gan, classifier, forget_classes, seeds, out, config, met
     result["config"] = {**asdict(config), **(extra_config or {})}  # one command, as from one process
     write_table(result, out)
     return result
+
+
+def _start_worker(imports: list[str], one_line_warnings: bool) -> None:
+    """A table worker: a user architecture's file first; warnings as the command line shows them (one
+    line, ``agu: note: ...``, without the source line) when the table runs under it."""
+    import_architectures(imports)
+    if one_line_warnings:
+        from .cli import _show_warning
+
+        warnings.showwarning = _show_warning
 
 
 PER_COMMAND = ("command", "environment")  # config entries of one command, not settings: merged tables keep them all

@@ -203,3 +203,15 @@ def test_table_jobs_gives_the_records_of_one_process(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
     assert "jobs must be an integer at least 1" in capsys.readouterr().err and not (tmp_path / "zero").exists()
+
+
+def test_table_jobs_workers_print_notes_as_one_line(tmp_path, capfd):
+    """A library warning inside an `agu table --jobs` worker reads as in one process: `agu: note: ...`,
+    without Python's source location and line."""
+    argv = ["table", "digits", "--classifier", "digits", "--forget", "1", "8", "--seeds", "1", "--methods", "finetune",
+            "--iters", "2", "--adapt-iters", "2", "--k", "1", "--n-samples", "300", "--n-eval", "50", "--quiet",
+            "--device", "cpu", "--jobs", "2", "--out", str(tmp_path / "t")]
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "agu: note: adapt:" in err and "fewer than n_negatives = 32" in err  # (about 23 negatives in 300 samples)
+    assert "UserWarning" not in err and "warnings.warn(" not in err
