@@ -554,6 +554,12 @@ class GAN(nn.Module):
                 "itself, so the override would be used in some places and not others: state the prior instead "
                 "(latent_prior='uniform' for U(-1, 1)), or wrap the generator in a module that maps z ~ N(0, I) to "
                 "the latents it was trained on")
+        own = [m for m in ("sample", "generate", "discriminate") if getattr(type(self), m) is not getattr(GAN, m)]
+        if own:
+            raise ConfigError(
+                f"{type(self).__name__} overrides {', '.join(own)}, but agu's stages call gan.generator and "
+                "gan.discriminator directly, so the override would be used in some places and not others: put what "
+                "it does into the generator or discriminator module instead")
         if len(tuple(image_shape)) != 3:
             raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         stated = output_range is not None
@@ -601,7 +607,10 @@ class GAN(nn.Module):
         return z.to(device if device is not None else self.device)
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Images ``(N, C, H, W)`` in [-1, 1] for latents ``z`` ``(N, latent_dim)``."""
+        """Images ``(N, C, H, W)`` in [-1, 1] for latents ``z`` ``(N, latent_dim)`` drawn from N(0, I)
+        (``sample_latents``). With ``latent_prior="uniform"`` they are mapped to U(-1, 1) first: to feed the
+        generator latents of its own prior as they are, call ``gan.given_generator`` (and rescale its
+        images from ``output_range`` yourself)."""
         if z.ndim != 2 or z.shape[1] != self.latent_dim:
             raise ConfigError(f"latents must have shape (N, {self.latent_dim}) for this GAN, got {tuple(z.shape)}: "
                               "draw them with gan.sample_latents(n, seed)")

@@ -549,3 +549,16 @@ def test_an_unknown_prior_or_an_own_sample_latents_is_refused_with_the_fix():
 
     with pytest.raises(ConfigError, match=r"OwnLatents overrides sample_latents.*latent_prior='uniform'"):
         OwnLatents(BNGenerator(), bn_discriminator(), 6, SHAPE)
+
+    class Truncated(agu_lib.GAN):
+        def generate(self, z):
+            return super().generate(z.clamp(-2, 2))
+
+    with pytest.raises(ConfigError, match=r"Truncated overrides generate, but agu's stages call gan.generator.*module"):
+        Truncated(BNGenerator(), bn_discriminator(), 6, SHAPE)
+
+    class Named(agu_lib.GAN):  # adding methods is fine
+        def describe(self):
+            return "mine"
+
+    assert Named(BNGenerator(), bn_discriminator(), 6, SHAPE).describe() == "mine"
