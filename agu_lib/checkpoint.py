@@ -109,11 +109,22 @@ KIND_NAMES = {"run": "run directory", "table": "table", "agu-gan": "GAN", "agu-c
               "agu-train-state": "training state"}
 
 
+def check_parent_folders(path) -> None:
+    """An output ``path`` whose parent folders would have to be made where a file stands (``mine.png/a.png``):
+    refused by name, instead of the file system's "File exists"."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{path} cannot be written: {parent} is a file, not a folder. Choose another output path")
+            return
+
+
 def check_replaceable(path, kind: str | None = None) -> None:
     """Refuse to write over ``path`` unless it is missing, an empty directory or a directory agu
     wrote (it holds one of ``AGU_MARKERS``) of the same ``kind`` (``output_kind``; None: any): a typo
     in ``--out`` must not delete a user's folder, nor a GAN that a table or a run would replace."""
     path = Path(path)
+    check_parent_folders(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -411,7 +422,7 @@ def load_gan(path_or_name, device="cpu") -> GAN:
         raise CheckpointError(
             f"{path} needs architecture {card['arch']!r}, which is not registered; "
             f"known: {', '.join(sorted(ARCHITECTURES))}. Register it with agu_lib.register_architecture before loading "
-            "(in every process); on the command line, name the file or module that registers it: agu run ... --import my_gan.py"
+            "(in every process); on the command line, name the file or module that registers it with --import my_gan.py (every agu command takes it)"
         )
     shape, latent_dim = card["image_shape"], card["latent_dim"]
     if not (

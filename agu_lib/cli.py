@@ -143,14 +143,17 @@ MAX_GRID = 10_000  # agu sample: samples in one grid (100 x 100 images)
 
 
 def cmd_sample(args) -> None:
-    from .checkpoint import load_gan
+    from .checkpoint import check_parent_folders, load_gan
     from .plotting import save_grid, written_by_agu
 
     if not 1 <= args.n <= MAX_GRID:
         raise ConfigError(f"--n must be between 1 and {MAX_GRID:,} (one grid image), got {args.n}")
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg") or out.is_dir():
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ConfigError(f"--out {args.out} must be an image file name ending in .png, .jpg or .jpeg")
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give an image file name, e.g. {out / 'samples.png'}")
+    check_parent_folders(out)
     replaces = out.exists()
     if replaces and not written_by_agu(out):
         raise CheckpointError(f"--out {args.out} exists and is not an image agu wrote; agu sample replaces only its own "

@@ -376,7 +376,7 @@ def _latent_advice(gan: GAN, z: torch.Tensor) -> str:
     n, d = z.shape
     try:
         gan.given_generator(z.reshape(n, d, 1, 1))
-    except RuntimeError:
+    except Exception:  # noqa: BLE001 (the user's module: whatever it raises)
         if gan.latent_shape is not None:
             return f"check latent_shape {gan.latent_shape}: the generator fails on latents of that shape too"
         return "give the GAN its generator's latent size"
@@ -423,9 +423,9 @@ def check_gan(gan: GAN) -> None:
         z = gan.sample_latents(n, seed=0, device=device)
         try:
             x = gan.generator(z)
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 (the user's module: whatever it raises, one line)
             raise ConfigError(f"the generator fails on latents of shape ({n}, {gan.latent_dim}) (latent_dim {gan.latent_dim}): "
-                              f"{str(e).splitlines()[0]}; {_latent_advice(gan, z)}") from None
+                              f"{_first_line(e)}; {_latent_advice(gan, z)}") from None
         if x.numel() != n * math.prod(shape):
             raise ConfigError(f"the generator returns {tuple(x.shape)} for {n} latents, not {n} images of shape {shape} "
                               "(image_shape): give the GAN the image shape its generator makes")
@@ -440,9 +440,9 @@ def check_gan(gan: GAN) -> None:
         for batch in (x, noise, blank):
             try:
                 out = gan.discriminator(batch)
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 (the user's module: whatever it raises, one line)
                 raise ConfigError(f"the discriminator fails on images of shape {tuple(batch.shape)}: "
-                                  f"{str(e).splitlines()[0]}") from None
+                                  f"{_first_line(e)}") from None
             if out.numel() != len(batch):
                 raise ConfigError(f"the discriminator returns {tuple(out.shape)} for {len(batch)} images; it must return one "
                                   "raw logit per image, (N,) or (N, 1)")
@@ -463,14 +463,23 @@ def check_gan(gan: GAN) -> None:
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
 
 
-def _refuse_outside(lo: float, hi: float, output_range, n: int) -> None:
-    """A ConfigError when G's images (agu's [-1, 1] scale) reach [lo, hi] beyond its output range."""
+def _first_line(e: Exception) -> str:
+    """One line for an error raised by a user's module: torch's message as it is, any other with its type."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if isinstance(e, RuntimeError) else f"{type(e).__name__}: {text}"
+
+
+def _refuse_outside(x: torch.Tensor, output_range) -> None:
+    """A ConfigError when some of G's images ``x`` (agu's [-1, 1] scale) leave its output range."""
+    lo, hi = float(x.min()), float(x.max())
     if not (lo < -1 - 2 * RANGE_SLACK or hi > 1 + 2 * RANGE_SLACK):  # (NaN images: a training error, raised elsewhere)
         return
+    outside = int(((x < -1 - 2 * RANGE_SLACK) | (x > 1 + 2 * RANGE_SLACK)).flatten(1).any(1).sum())
     low, high = output_range
     to_own = lambda v: low + (v + 1) * (high - low) / 2
     raise ConfigError(
-        f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}] (over {n} samples), outside its output range "
+        f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}] ({outside} of {len(x)} samples leave it), "
+        f"outside its output range "
         f"[{low:g}, {high:g}]: agu's classifiers, metrics and losses need images inside it. End the generator in a tanh "
         f"(a sigmoid for [0, 1]) or a clamp, nn.Hardtanh({low:g}, {high:g}); or give the GAN its real output range "
         "(output_range=(low, high); agu import-gan --output-range low,high)")
@@ -479,7 +488,7 @@ def _refuse_outside(lo: float, hi: float, output_range, n: int) -> None:
 def check_output_range(gan: GAN, x: torch.Tensor) -> None:
     """``check_gan`` looks at 16 samples; feedback and evaluation look at all the images they draw from
     the GAN (``x``, agu's scale) with this: a ConfigError when some leave its output range."""
-    _refuse_outside(float(x.min()), float(x.max()), gan.output_range, len(x))
+    _refuse_outside(x, gan.output_range)
 
 
 def _check_range(x: torch.Tensor, output_range, stated: bool = True) -> None:
@@ -487,8 +496,8 @@ def _check_range(x: torch.Tensor, output_range, stated: bool = True) -> None:
     mark of a [0, 1] generator: refused when the range was not stated (the scores would be wrong), a
     warning when (-1, 1) was stated."""
     low, high = output_range
+    _refuse_outside(x, output_range)
     lo, hi = float(x.min()), float(x.max())
-    _refuse_outside(lo, hi, output_range, len(x))
     if (low, high) == (-1.0, 1.0) and lo >= 0:
         text = (f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
                 "(a final sigmoid), say so with output_range=(0, 1) (agu_lib.GAN(...), or agu import-gan --output-range "
@@ -628,7 +637,7 @@ class GAN(nn.Module):
         with evaluating(self):
             try:
                 return torch.cat([self.generate(zb) for zb in z.split(batch_size)])
-            except RuntimeError:
+            except Exception:  # (re-raised below when check_gan finds nothing)
                 check_gan(self)  # a GAN that does not fit agu's conventions: what to do, instead of torch's message
                 raise
 

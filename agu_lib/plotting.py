@@ -34,6 +34,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | 
     (``written_by_agu``); small images are upscaled to be readable. The file is written beside
     ``path`` and then moved there, so an interrupted save leaves any earlier image whole."""
     import os
+    import tempfile
 
     from PIL import Image, PngImagePlugin
 
@@ -50,12 +51,13 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | 
         mark = {"pnginfo": info}
     else:
         mark = {"comment": MARK}
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new name: no file of yours
+    os.close(fd)
     try:
         image.save(tmp, format=fmt, **mark)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 

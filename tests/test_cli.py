@@ -35,6 +35,11 @@ def test_sample_replaces_only_its_own_grid(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not an image agu wrote" in err and "Choose another --out" in err and len(err.strip().splitlines()) == 1
     assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.jpg", "grid.png", "photo.png"]
+    (tmp_path / "folder.png").mkdir()
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(tmp_path / "folder.png"), "--device", "cpu"]) == 2
+    assert "folder.png is a folder; give an image file name" in capsys.readouterr().err
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(photo / "a.png"), "--device", "cpu"]) == 2
+    assert "photo.png is a file, not a folder" in capsys.readouterr().err and photo.read_bytes() == before
 
 
 def test_info_prints_the_card(capsys):

@@ -267,7 +267,7 @@ def test_the_evaluation_refuses_a_gan_before_the_stages_run(gan_dir, tmp_path, c
     """The evaluation latents are scored before any training: a GAN the evaluation refuses (images
     outside its range on some latent) costs no stage time, and no --resume is offered for it."""
     def refuse(*args, **kwargs):
-        raise ConfigError("the generator's images reach [-1, 1.5] (over 20 samples), outside its output range [-1, 1]")
+        raise ConfigError("the generator's images reach [-1, 1.5] (1 of 20 samples leave it), outside its output range [-1, 1]")
 
     def no_adapt(*args, **kwargs):
         raise AssertionError("stage 1 ran before the evaluation's check")

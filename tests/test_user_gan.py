@@ -353,9 +353,9 @@ def test_images_outside_the_range_are_found_in_every_sample_feedback_and_evaluat
     torch.manual_seed(0)
     gan = agu_lib.GAN(RareOutliers(), bn_discriminator(), 6, SHAPE)
     check_gan(gan)  # its 16 samples are all inside [-1, 1]
-    with pytest.raises(ConfigError, match=r"reach \[-0\.9\d*, 3\.8\d*\] \(over 2000 samples\), outside its output range \[-1, 1\]"):
+    with pytest.raises(ConfigError, match=r"reach \[-0\.9\d*, 3\.8\d*\] \(20 of 2000 samples leave it\), outside its output range \[-1, 1\]"):
         collect(gan, bright, 2000, seed=0)
-    with pytest.raises(ConfigError, match=r"\(over 2000 samples\), outside its output range"):
+    with pytest.raises(ConfigError, match=r"\(\d+ of 2000 samples leave it\), outside its output range"):
         make_context(gan, bright, n_eval=2000)
     collect(gan, bright, 64, seed=0)  # none of these 64 latents has z[0] > 2.5: nothing to refuse
 
@@ -562,3 +562,18 @@ def test_an_unknown_prior_or_an_own_sample_latents_is_refused_with_the_fix():
             return "mine"
 
     assert Named(BNGenerator(), bn_discriminator(), 6, SHAPE).describe() == "mine"
+
+
+def test_a_module_that_raises_something_else_than_torch_is_named_in_one_line():
+    class Picky(BNGenerator):
+        def forward(self, z):
+            raise ValueError("expects latents in [-1, 1]")
+
+    class PickyD(nn.Module):
+        def forward(self, x):
+            assert x.shape[-1] == 28, "28x28 only"
+
+    with pytest.raises(ConfigError, match=r"the generator fails on latents of shape \(16, 6\).*ValueError: expects latents"):
+        check_gan(agu_lib.GAN(Picky(), bn_discriminator(), 6, SHAPE))
+    with pytest.raises(ConfigError, match=r"the discriminator fails on images of shape \(16, 1, 12, 12\): AssertionError: 28x28"):
+        check_gan(agu_lib.GAN(BNGenerator(), PickyD(), 6, SHAPE))
