@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import AguError, CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, error_line
 from .models import ARCHITECTURES, GAN, build_gan, check_gan
 
 FORMAT_VERSION = 1
@@ -144,6 +144,13 @@ def check_replaceable(path, kind: str | None = None) -> None:
         )
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back): what a new file's mode leaves out."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 class atomic_dir:
     """Context manager: yields a temporary directory next to ``path``; on success it replaces
     ``path`` (old content removed only after the new one is complete); on error it is deleted.
@@ -162,9 +169,7 @@ class atomic_dir:
         check_replaceable(self.path, self.kind)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should be like any new folder
+        os.chmod(self.tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result should be like any new folder
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -316,12 +321,6 @@ def _build_limited(arch: str, latent_dim: int, shape, arch_kwargs: dict, nbytes:
     return build_gan(arch, latent_dim, shape, provenance=provenance, **conventions, **arch_kwargs)
 
 
-def _error_text(e: Exception) -> str:
-    """One line for an error of a builder: agu's own message as it is, any other with its type."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text if isinstance(e, AguError) else f"{type(e).__name__}: {text}"
-
-
 def _conventions(gan: GAN) -> dict:
     """The GAN's ``latent_shape``, ``output_range`` and ``latent_prior``, as ``build_gan`` takes them (where
     they are not the defaults they wrap the builder's modules, and so change their state-dict keys)."""
@@ -367,7 +366,7 @@ def _check_rebuilds(gan: GAN) -> None:
                                    _conventions(gan), on_meta=True)
     except Exception as e:  # noqa: BLE001 (the user's builder: any error, one line)
         raise ConfigError(f"this GAN cannot be saved: architecture {gan.arch!r} with its arch_kwargs {gan.arch_kwargs} "
-                          f"does not build modules like its own ({_error_text(e)}). {fix}") from None
+                          f"does not build modules like its own ({error_line(e)}). {fix}") from None
     for name in ("generator", "discriminator"):
         diff = _first_difference(getattr(gan, name), getattr(built, name))
         if diff:
@@ -407,9 +406,9 @@ def _unbuildable(path: Path, card: dict, e: Exception) -> str:
     """The message for a card whose architecture fails to build with its arch_kwargs: agu's own builders
     are right, so their card was edited; a user's builder may also have changed since the GAN was saved."""
     if getattr(ARCHITECTURES[card["arch"]], "__module__", "").startswith("agu_lib."):
-        return f"{path}/card.json describes a GAN that cannot be built: {_error_text(e)}; re-create the checkpoint"
+        return f"{path}/card.json describes a GAN that cannot be built: {error_line(e)}; re-create the checkpoint"
     return (f"{path}: architecture {card['arch']!r} fails to build with the arch_kwargs {card['arch_kwargs']} of its "
-            f"card.json ({_error_text(e)}). Check that the builder registered as {card['arch']!r} is the one the GAN "
+            f"card.json ({error_line(e)}). Check that the builder registered as {card['arch']!r} is the one the GAN "
             "was saved with and that it builds with these arguments; if card.json was edited, restore it or re-create "
             "the checkpoint")
 

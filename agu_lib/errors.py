@@ -24,3 +24,10 @@ class FeedbackError(AguError):
 
 class TrainingError(AguError):
     """Training diverged (NaN/Inf) or cannot proceed."""
+
+
+def error_line(e: Exception) -> str:
+    """One line for an error raised by someone else's code (a user's module or builder): agu's own
+    message and torch's ``RuntimeError`` as they are, any other with its type (``ValueError: ...``)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text if isinstance(e, (AguError, RuntimeError)) else f"{type(e).__name__}: {text}"

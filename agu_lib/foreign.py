@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import _error_text, load_state_checked, save_gan, sha256_file
-from .errors import CheckpointError, ConfigError
-from .models import ARCHITECTURES, _upsampling_plan, build_gan, check_gan
+from .checkpoint import load_state_checked, save_gan, sha256_file
+from .errors import CheckpointError, ConfigError, error_line
+from .models import ARCHITECTURES, LATENT_PRIORS, _upsampling_plan, build_gan, check_gan
+from .training import MAX_SEED, check_int
 
 #: keys under which checkpoints commonly wrap their state dict, tried in this order
 _WRAPPER_KEYS = {
@@ -194,6 +195,9 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
                           "(grayscale) or 3 (RGB): give C,H,W with the channels first, e.g. 1,28,28")
     if latent_dim < 1:
         raise ConfigError(f"latent_dim must be positive, got {latent_dim}")
+    if latent_prior not in LATENT_PRIORS:  # (before any file is read)
+        raise ConfigError(f"latent_prior must be one of {', '.join(LATENT_PRIORS)}, got {latent_prior!r}")
+    check_int("fresh_discriminator_seed", fresh_discriminator_seed, minimum=0, maximum=MAX_SEED)
     own = arch not in ("mlp", "dcgan")
     if own and arch not in ARCHITECTURES:
         raise ConfigError(f"cannot import architecture {arch!r}: it is not registered; known: "
@@ -249,7 +253,7 @@ def import_gan(arch: str, generator_path, discriminator_path, latent_dim: int, i
     except ConfigError as e:
         raise (ConfigError(str(e)) if own else CheckpointError(f"the weights do not fit an agu {arch}: {e}")) from None
     except Exception as e:  # noqa: BLE001 (a user's builder: any error, one line)
-        raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} ({_error_text(e)})") from None
+        raise ConfigError(f"architecture {arch!r} fails to build with arch_kwargs {arch_kwargs} ({error_line(e)})") from None
     fix = (f"the files are not of architecture {arch!r} as its builder makes it with arch_kwargs {arch_kwargs}: give "
            "the arguments the checkpoint was trained with (--arch-kwargs), or register the modules it holds") if own else None
     load_state_checked(gan.given_generator, g_state, f"{g_path} (generator)", fix)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, error_line
 
 # ----------------------------------------------------------------------------------------
 # Built-in architectures
@@ -425,7 +425,7 @@ def check_gan(gan: GAN) -> None:
             x = gan.generator(z)
         except Exception as e:  # noqa: BLE001 (the user's module: whatever it raises, one line)
             raise ConfigError(f"the generator fails on latents of shape ({n}, {gan.latent_dim}) (latent_dim {gan.latent_dim}): "
-                              f"{_first_line(e)}; {_latent_advice(gan, z)}") from None
+                              f"{error_line(e)}; {_latent_advice(gan, z)}") from None
         if x.numel() != n * math.prod(shape):
             raise ConfigError(f"the generator returns {tuple(x.shape)} for {n} latents, not {n} images of shape {shape} "
                               "(image_shape): give the GAN the image shape its generator makes")
@@ -442,7 +442,7 @@ def check_gan(gan: GAN) -> None:
                 out = gan.discriminator(batch)
             except Exception as e:  # noqa: BLE001 (the user's module: whatever it raises, one line)
                 raise ConfigError(f"the discriminator fails on images of shape {tuple(batch.shape)}: "
-                                  f"{_first_line(e)}") from None
+                                  f"{error_line(e)}") from None
             if out.numel() != len(batch):
                 raise ConfigError(f"the discriminator returns {tuple(out.shape)} for {len(batch)} images; it must return one "
                                   "raw logit per image, (N,) or (N, 1)")
@@ -461,12 +461,6 @@ def check_gan(gan: GAN) -> None:
 
 
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
-
-
-def _first_line(e: Exception) -> str:
-    """One line for an error raised by a user's module: torch's message as it is, any other with its type."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text if isinstance(e, RuntimeError) else f"{type(e).__name__}: {text}"
 
 
 def _refuse_outside(x: torch.Tensor, output_range) -> None:

@@ -38,6 +38,8 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | 
 
     from PIL import Image, PngImagePlugin
 
+    from .checkpoint import current_umask
+
     h = images.shape[-1]
     scale = scale or max(1, 64 // h)
     arr = make_grid(images, nrow=nrow, scale=scale)
@@ -53,6 +55,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | 
         mark = {"comment": MARK}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new name: no file of yours
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the image should be like any new file
     try:
         image.save(tmp, format=fmt, **mark)
         os.replace(tmp, path)

@@ -194,13 +194,17 @@ def test_unknown_name_lists_shipped_names(tmp_path, monkeypatch):
         resolve("nosuch")
 
 
-def test_saved_directories_follow_the_umask(tiny_gan, tmp_path):
+def test_saved_directories_and_grids_follow_the_umask(tiny_gan, tmp_path):
     import os
     import stat
+
+    from agu_lib.plotting import save_grid
 
     old = os.umask(0o022)
     try:
         save_gan(tiny_gan, tmp_path / "g")
+        save_grid(tiny_gan.sample(4), tmp_path / "grid.png")  # (written to a temporary file first, as the folder)
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "g").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "grid.png").st_mode) == 0o644

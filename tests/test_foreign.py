@@ -315,6 +315,11 @@ def test_a_generator_released_alone_gets_a_fresh_seeded_discriminator(foreign_pa
     torch.save(src.generator.state_dict(), tmp_path / "g.pt")
     dc = load_gan(import_gan("dcgan", tmp_path / "g.pt", None, 8, (1, 16, 16), tmp_path / "dc"))
     assert dc.arch_kwargs == {"channels": 16}  # D as wide as G
+    with pytest.raises(ConfigError, match="latent_prior must be one of normal, uniform, got 'unifrom'"):
+        import_gan("mlp", g_path, None, 4, (1, 4, 4), tmp_path / "bad", latent_prior="unifrom")
+    with pytest.raises(ConfigError, match="fresh_discriminator_seed"):
+        import_gan("mlp", g_path, None, 4, (1, 4, 4), tmp_path / "bad", fresh_discriminator_seed=2**70)
+    assert not (tmp_path / "bad").exists()
     with torch.no_grad():
         torch.testing.assert_close(dc.generate(z.new_zeros(2, 8)), src.generate(z.new_zeros(2, 8)))
 
