@@ -118,6 +118,7 @@ class EvalContext:
     adapted: list[GAN] = field(default_factory=list)
     feature_network: str = "none"
     n_pr: int = 2000  # samples used for precision/recall (k-NN is quadratic)
+    seed: int = 1234  # of the evaluation latents (the retrained GAN's reference latents: seed + 1)
     # caches filled by make_context
     orig_negative: torch.Tensor | None = None  # (n_eval,) bool
     orig_labels: torch.Tensor | None = None
@@ -155,15 +156,13 @@ def make_context(
     data's features once. ``real_images``: real data **without** the forgotten class."""
     if n_eval < 10:
         raise ConfigError(f"n_eval must be at least 10, got {n_eval}")
-    for gan in (original, retrained):
-        if gan is not None:
-            check_gan(gan)
+    check_gan(original)
     if real_images is not None:
         check_real_images(real_images, original.image_shape)
     z = original.sample_latents(n_eval, seed=seed, device="cpu")
     x = generate_batched(original, z)
     check_output_range(original, x)  # every evaluation sample, beyond check_gan's few
-    ctx = EvalContext(original, oracle, z, classifier, [int(c) for c in forget], retrained=retrained, adapted=list(adapted or []))
+    ctx = EvalContext(original, oracle, z, classifier, [int(c) for c in forget], adapted=list(adapted or []), seed=seed)
     ctx.orig_negative = oracle(x)
     if classifier is not None:
         classifier.check_shape(original.image_shape)
@@ -176,10 +175,19 @@ def make_context(
         x_floor = positives_elsewhere(original, oracle, n_eval, seed + FLOOR_SEED_OFFSET)
         ctx.floor_features = classifier.features(x_floor).cpu()
         ctx.floor_labels = classifier.predict(x_floor).cpu()
-        if retrained is not None:
-            z_ref = retrained.sample_latents(n_eval, seed=seed + 1, device="cpu")  # other latents: Ret-FID(retrained) > 0
-            ctx.retrained_features = classifier.features(generate_batched(retrained, z_ref)).cpu()
+    if retrained is not None:
+        attach_retrained(ctx, retrained)
     return ctx
+
+
+def attach_retrained(ctx: EvalContext, retrained: GAN) -> None:
+    """Give ``ctx`` the GAN retrained from scratch without the class (``retrained``, trained after the
+    context was made): Ret-FID compares with its samples on latents other than the evaluation ones."""
+    check_gan(retrained)
+    ctx.retrained = retrained
+    if ctx.classifier is not None:
+        z_ref = retrained.sample_latents(len(ctx.z), seed=ctx.seed + 1, device="cpu")  # other latents: Ret-FID(retrained) > 0
+        ctx.retrained_features = ctx.classifier.features(generate_batched(retrained, z_ref)).cpu()
 
 
 def _outputs(gan: GAN, ctx: EvalContext) -> dict:

@@ -32,7 +32,7 @@ from .directions import extrapolate, mean_gan
 from .distributed import barrier, is_main_process
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .feedback import Feedback, collect
-from .metrics import evaluate, make_context
+from .metrics import attach_retrained, evaluate, make_context
 from .models import GAN, IMPORTED, import_architectures
 from .plotting import save_grid
 from .training import MAX_SEED, as_device, check_int, check_positive
@@ -414,15 +414,20 @@ def table(
                                "unlearn": UnlearnConfig(**asdict(base.unlearn)), "seed": seed})
             t = time.perf_counter()
             fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=needed_negatives(cfg, methods))
+            t_feedback = time.perf_counter() - t
+            # the evaluation latents before any training, as in run(): a GAN the evaluation refuses costs no stage
+            ctx = make_context(gan, oracle, cfg.n_eval, cfg.eval_seed + seed, classifier, [cls], real_without)
+            t = time.perf_counter()
             adapted = adapt(gan, fb.negatives, cfg.adapt, device=device, progress=progress).models \
                 if any(uses_adapted(m, cfg) for m in methods) else []
-            t_adapt = time.perf_counter() - t
+            ctx.adapted = adapted
+            t_adapt = t_feedback + time.perf_counter() - t
             if "retrain" in methods and seed == seeds[0]:  # once per class: the Ret-FID reference of every seed
                 t = time.perf_counter()
                 retrained = retrain_from_scratch(gan, real_without, cfg.retrain_iters, seed, device, progress)
                 t_retrain = time.perf_counter() - t
-            ctx = make_context(gan, oracle, cfg.n_eval, cfg.eval_seed + seed, classifier, [cls], real_without,
-                               retrained=retrained, adapted=adapted)
+            if retrained is not None:
+                attach_retrained(ctx, retrained)
             original = evaluate(gan, ctx)
             for method in methods:
                 t = time.perf_counter()
