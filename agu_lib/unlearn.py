@@ -401,7 +401,7 @@ def repulsion_step(flat: FlatParams, rep: Repulsion, rate: float):
     return value, d.mean()
 
 
-def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device,
+def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, cfg: UnlearnConfig, gen, device, *,
                  negatives=None, keep=None, zneg=None, detector=None):
     """One step of stage 2 on a batch (``real``: positives, already augmented; ``z``: latents): D's step,
     then G's with the configured regulariser ``reg`` (a ``Repulsion``, an ``EWC`` or None). The data
@@ -590,8 +590,8 @@ def unlearn(
         neg = augment(sample_batch(neg_pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
             if neg_pool is not None else None
         zn = z_neg[sample_index(len(z_neg), cfg.batch_size, gen, device)] if z_neg is not None else None
-        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device, neg, keep, zn,
-                                                      detector)
+        d_loss, g_adv, reg_value, dist = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, device,
+                                                      negatives=neg, keep=keep, zneg=zn, detector=detector)
         row = log.add(step, d_loss, g_adv, reg_value, dist)
         if ema is not None:  # ema <- b * ema + (1 - b) * theta
             ema.lerp_(flat.read(), 1 - ema_decay(cfg.g_ema, step))

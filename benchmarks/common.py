@@ -139,7 +139,7 @@ class Variants:
             neg = augment(sample_batch(self.pool, cfg.batch_size, gen), cfg.augment_shift, cfg.instance_noise, gen) \
                 if cfg.negative_weight > 0 else None
             zn = self.pool_z[sample_index(len(self.pool), cfg.batch_size, gen, dev)] if cfg.negative_latent_weight > 0 else None
-            out = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev, neg, keep, zn)
+            out = unlearn_step(nets, opt_g, opt_d, real, z, flat, reg, cfg, gen, dev, negatives=neg, keep=keep, zneg=zn)
             if ema is not None:
                 ema.lerp_(flat.read(), 1 - cfg.g_ema)
             return out
