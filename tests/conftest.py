@@ -61,3 +61,21 @@ def third_party_dir():
     if d is None:
         pytest.skip("third-party checkpoints not found: set AGU_THIRD_PARTY_DIR to the folder holding csinva_mnist_mlp_gan/")
     return d
+
+
+@pytest.fixture
+def evaluation_refused(monkeypatch):
+    """The pipeline's evaluation context refuses the GAN (as for images outside its range on some latent),
+    and any stage that runs before that refusal fails the test."""
+    from agu_lib import pipeline
+    from agu_lib.errors import ConfigError
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("the generator's images reach [-1, 1.5] (1 of 20 samples leave it), outside its output range [-1, 1]")
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the evaluation's check")
+
+    monkeypatch.setattr(pipeline, "make_context", refuse)
+    monkeypatch.setattr(pipeline, "adapt", no_stage)
+    monkeypatch.setattr(pipeline, "retrain_from_scratch", no_stage)
