@@ -433,7 +433,7 @@ def check_gan(gan: GAN) -> None:
             raise ConfigError(f"the generator returns images of shape {tuple(x.shape[1:])}, not image_shape {shape}: agu "
                               "needs channels first, (N, C, H, W); if it makes (N, H, W, C), end it in a permute(0, 3, 1, 2)")
         x = x.reshape(n, *shape)
-        _check_range(x, gan.output_range, gan.range_stated)
+        _check_range(gan, x)
         noise = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
         blank = torch.stack([torch.full(shape, v) for v in (-1.0, 1.0)]).to(device)
         outs = []
@@ -463,13 +463,14 @@ def check_gan(gan: GAN) -> None:
 RANGE_SLACK = 1e-3  # G's images may pass its output range by this share of the range (rounding), not more
 
 
-def _refuse_outside(x: torch.Tensor, output_range) -> None:
-    """A ConfigError when some of G's images ``x`` (agu's [-1, 1] scale) leave its output range."""
+def check_output_range(gan: GAN, x: torch.Tensor) -> None:
+    """A ConfigError when some of G's images ``x`` (agu's [-1, 1] scale) leave its output range.
+    ``check_gan`` looks at 16 samples; feedback and evaluation call this on every image they draw."""
     lo, hi = float(x.min()), float(x.max())
     if not (lo < -1 - 2 * RANGE_SLACK or hi > 1 + 2 * RANGE_SLACK):  # (NaN images: a training error, raised elsewhere)
         return
     outside = int(((x < -1 - 2 * RANGE_SLACK) | (x > 1 + 2 * RANGE_SLACK)).flatten(1).any(1).sum())
-    low, high = output_range
+    low, high = gan.output_range
     to_own = lambda v: low + (v + 1) * (high - low) / 2
     raise ConfigError(
         f"the generator's images reach [{to_own(lo):.4g}, {to_own(hi):.4g}] ({outside} of {len(x)} samples leave it), "
@@ -479,24 +480,18 @@ def _refuse_outside(x: torch.Tensor, output_range) -> None:
         "(output_range=(low, high); agu import-gan --output-range low,high)")
 
 
-def check_output_range(gan: GAN, x: torch.Tensor) -> None:
-    """``check_gan`` looks at 16 samples; feedback and evaluation look at all the images they draw from
-    the GAN (``x``, agu's scale) with this: a ConfigError when some leave its output range."""
-    _refuse_outside(x, gan.output_range)
-
-
-def _check_range(x: torch.Tensor, output_range, stated: bool = True) -> None:
+def _check_range(gan: GAN, x: torch.Tensor) -> None:
     """G's images ``x`` (agu's [-1, 1] scale) must lie in the GAN's output range. All of them >= 0 is the
     mark of a [0, 1] generator: refused when the range was not stated (the scores would be wrong), a
     warning when (-1, 1) was stated."""
-    low, high = output_range
-    _refuse_outside(x, output_range)
+    check_output_range(gan, x)
+    low, high = gan.output_range
     lo, hi = float(x.min()), float(x.max())
     if (low, high) == (-1.0, 1.0) and lo >= 0:
         text = (f"the generator's images all lie in [{lo:.3g}, {hi:.3g}] on a [-1, 1] scale: if it makes images in [0, 1] "
                 "(a final sigmoid), say so with output_range=(0, 1) (agu_lib.GAN(...), or agu import-gan --output-range "
                 "0,1), or the classifiers and metrics score them wrongly")
-        if not stated:
+        if not gan.range_stated:
             raise ConfigError(text + "; if they really are [-1, 1] images, state output_range=(-1, 1)")
         warnings.warn(text, stacklevel=1)
 
