@@ -26,11 +26,19 @@ def _one_thread_again():
     torch.set_num_threads(1)
 
 
+def make_tiny_gan(arch: str = "dcgan"):
+    """A freshly initialised, seeded 16x16 grayscale GAN with latent_dim 8: a DCGAN with 8 channels, or an
+    MLP with two hidden layers of 32 (``tests/test_gpu.py`` imports it)."""
+    torch.manual_seed(0)
+    if arch == "dcgan":
+        return build_gan("dcgan", 8, (1, 16, 16), channels=8)
+    return build_gan("mlp", 8, (1, 16, 16), g_hidden=(32, 32), d_hidden=(32, 32))
+
+
 @pytest.fixture
 def tiny_gan():
-    """A freshly initialised, seeded 16x16 grayscale DCGAN with 8 channels and latent_dim 8."""
-    torch.manual_seed(0)
-    return build_gan("dcgan", 8, (1, 16, 16), channels=8)
+    """``make_tiny_gan()``: the DCGAN."""
+    return make_tiny_gan()
 
 
 def bright(x):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bright
 from PIL import Image
 
 from agu_lib import cli
@@ -324,11 +325,6 @@ def test_real_process_exit_code_and_no_traceback(gan_copy, tmp_path):
 
 # ----------------------------------------------------------------------------------------
 # NaN / Inf during training: a clear stop, earlier results intact
-
-
-def bright(x):
-    m = x.flatten(1).mean(1)
-    return m > m.median()
 
 
 def tiny_run_config(**unlearn) -> RunConfig:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bright, make_tiny_gan
 
 from agu_lib import load_gan, save_gan
 from agu_lib.adapt import AdaptConfig, adapt
 from agu_lib.cli import main
 from agu_lib.feedback import PredicateOracle, collect
 from agu_lib.losses import fisher_diagonal, fisher_diagonal_loop
-from agu_lib.models import build_gan, generator_params
+from agu_lib.models import generator_params
 from agu_lib.training import FlatParams, TrainNets
 from agu_lib.unlearn import UnlearnConfig, unlearn
 
@@ -43,24 +44,12 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def bright(x):
-    m = x.flatten(1).mean(1)
-    return m > m.median()
-
-
-def small_gan(arch: str = "dcgan"):
-    torch.manual_seed(0)
-    if arch == "dcgan":
-        return build_gan("dcgan", 8, (1, 16, 16), channels=8)
-    return build_gan("mlp", 8, (1, 16, 16), g_hidden=(32, 32), d_hidden=(32, 32))
-
-
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.cpu() - b.cpu()).abs().max() / b.cpu().abs().max().clamp_min(1e-30))
 
 
 def test_fisher_on_the_gpu_matches_the_cpu():
-    gan = small_gan()
+    gan = make_tiny_gan()
     z = gan.sample_latents(32, seed=0)
     cpu = fisher_diagonal(gan.generator, gan.discriminator, z)
     g = gan.clone().to(CUDA)
@@ -74,7 +63,7 @@ def test_fisher_on_the_gpu_matches_the_cpu():
 def test_conv_parameters_in_channels_last_train_as_on_the_cpu():
     """On CUDA a conv GAN's weights are channels_last, so the flat theta is a copy (not bound): stage 1's EWC and
     stage 2's repulsion read and step it correctly there. A few steps on GPU and CPU end at the same weights."""
-    gan = small_gan()
+    gan = make_tiny_gan()
     nets = TrainNets(gan.clone().to(CUDA), CUDA)
     conv_w = [p for p in nets.gan.generator.parameters() if p.dim() == 4]
     assert conv_w and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_w)
@@ -104,7 +93,7 @@ def test_conv_parameters_in_channels_last_train_as_on_the_cpu():
 def test_bf16_autocast_and_compile_train_and_save(arch, compile, tmp_path):
     """amp (bf16 for the adversarial part), with torch.compile on CUDA for the conv GAN: finite losses, fp32 weights
     that moved, a GAN that saves and loads on the CPU with the same samples."""
-    gan = small_gan(arch)
+    gan = make_tiny_gan(arch)
     fb = collect(gan, PredicateOracle(bright), 256, seed=0, min_negatives=8)
     a = adapt(gan, fb.negatives, AdaptConfig(iters=20, n_models=1, batch_size=8, log_every=10, amp=True, compile=compile),
               device=CUDA, progress=False)

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import bright
 from torch import nn
 
 import agu_lib
@@ -49,11 +50,6 @@ def build_bn(latent_dim, image_shape):
 
 
 agu_lib.register_architecture("test-bn", build_bn)
-
-
-def bright(x):
-    m = x.flatten(1).mean(1)
-    return m > m.median()
 
 
 @pytest.fixture
