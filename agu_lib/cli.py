@@ -21,15 +21,10 @@ from .models import import_architectures
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu; other names are checked."""
-    from .training import as_device, mps_available
+    """``--device``: ``auto`` -> cuda if available, else mps, else cpu (``training.as_device``); other names
+    are checked."""
+    from .training import as_device
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
     try:
         return as_device(name)
     except ConfigError as e:

@@ -62,11 +62,14 @@ def mps_available() -> bool:
 
 def as_device(device) -> torch.device:
     """``device`` (a name or ``torch.device``) as a ``torch.device`` this machine has (``ConfigError`` otherwise:
-    torch's own error on a CPU-only build is an AssertionError that does not say what to do)."""
+    torch's own error on a CPU-only build is an AssertionError that does not say what to do). ``"auto"`` is
+    an NVIDIA GPU when there is one, else Apple's MPS when there is, else the CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:0', 'mps' or 'auto'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} was asked for, but no CUDA GPU is available here (torch "
                           f"{torch.__version__}); use device='cpu'")

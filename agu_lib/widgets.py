@@ -30,6 +30,22 @@ def notebook_mode(mode: str) -> bool:
     return mode == "ci"
 
 
+def notebook_device(name) -> torch.device:
+    """A notebook's ``DEVICE`` parameter as a ``torch.device``: ``"cpu"`` (the book's numbers), ``"cuda"``,
+    ``"mps"`` or ``"auto"`` (a GPU when there is one). On an NVIDIA GPU the same seed gives the same numbers
+    (``training.deterministic_cuda``), though not the CPU's. A device this machine lacks raises ``ConfigError``."""
+    from .training import as_device, deterministic_cuda
+
+    try:
+        device = as_device(name)
+    except ConfigError as e:
+        message = str(e).replace("use device='cpu'", "use DEVICE = 'cpu' or 'auto'")
+        raise ConfigError(f"DEVICE: {message} (or set AGU_DEVICE)") from None
+    if device.type == "cuda":
+        deterministic_cuda()
+    return device
+
+
 def pick_parameter(pick, keywords: tuple[str, ...] = ("auto",)):
     """A notebook's ``PICK`` parameter checked: one of ``keywords``, or a list of sample indices. papermill's
     ``-p PICK [3, 17]`` arrives as the text "[3, 17]": that (and "3,17") is read as the list."""

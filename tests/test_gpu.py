@@ -163,3 +163,18 @@ def test_torchrun_one_process_on_nccl(tmp_path):
         "--adapt-iters", "40", "--k", "1", "--n-samples", "1000", "--n-eval", "500", "--quiet", "--threads", "1",
         launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "agu_lib.cli"))
     assert (out / "metrics.json").is_file() and (out / "unlearned" / "card.json").is_file()
+
+
+@pytest.mark.parametrize("chapter", ["01", "02", "03", "04", "05", "06", "07"])
+def test_every_chapter_runs_on_the_gpu(chapter, tmp_path, monkeypatch):
+    """A student on a cloud GPU sets DEVICE = "cuda" (or AGU_DEVICE=cuda): the chapter runs there to the end
+    in ci mode (its numbers are the GPU's, so they are not compared with the stored CPU outputs)."""
+    pytest.importorskip("papermill")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import refresh_notebooks
+
+    (path,) = refresh_notebooks.notebook_paths([chapter])
+    monkeypatch.setenv("AGU_DEVICE", "cuda")
+    refresh_notebooks.execute(path, tmp_path / path.name, "ci")
+    nb = json.loads((tmp_path / path.name).read_text())
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -78,6 +78,8 @@ def test_chapter_structure(path):
     assert 'MODE = os.environ.get("AGU_MODE", "full")' in params.source
     code = "\n".join(c.source for c in cells)
     assert "CI = notebook_mode(MODE)" in code, "a MODE typo must stop the notebook, not run the long mode"
+    assert 'DEVICE = os.environ.get("AGU_DEVICE", "cpu")' in params.source, "a DEVICE parameter, the CPU by default"
+    assert "device = notebook_device(DEVICE)" in cells[1].source
     assert "import agu_lib" in code or "from agu_lib" in code
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "## Exercises" in markdown
@@ -85,6 +87,24 @@ def test_chapter_structure(path):
     assert folded, "solutions are folded in the book"
     for c in cells:  # all code parses (no syntax slips in stored notebooks)
         ast.parse(c.source)
+
+
+DEVICE_TAKERS = ("load_gan", "load_classifier", "table", "run")  # what would put a model on the CPU unasked
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebooks_put_every_model_on_the_device_parameter(path):
+    """With DEVICE = "cuda" every GAN and classifier a notebook loads (or a table it computes) is on the GPU:
+    a model left on the CPU would meet the others' tensors there and stop the chapter. (tests/test_gpu.py
+    runs every chapter with AGU_DEVICE=cuda where there is a GPU.)"""
+    nb = read(path)
+    for c in code_cells(nb)[1:]:
+        for node in ast.walk(ast.parse(c.source)):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                if name in DEVICE_TAKERS:
+                    given = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    assert given.get("device") == "device", f"{path.name}: {ast.unparse(node)[:80]} without device=device"
 
 
 def _library_function_names() -> set[str]:
@@ -266,6 +286,19 @@ def test_notebook_mode_accepts_the_two_modes_only():
     for typo in ("CI", "Full", "", None):
         with pytest.raises(ConfigError, match="MODE must be one of 'full', 'ci'"):
             notebook_mode(typo)
+
+
+def test_notebook_device_checks_the_device_parameter():
+    from agu_lib.errors import ConfigError
+    from agu_lib.widgets import notebook_device
+
+    assert notebook_device("cpu") == torch.device("cpu")
+    assert notebook_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="DEVICE: unknown device 'gpu'.*'auto'.*AGU_DEVICE"):
+        notebook_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="DEVICE: .*no CUDA GPU is available here.*use DEVICE = 'cpu' or 'auto'"):
+            notebook_device("cuda")
 
 
 def test_pick_parameter_reads_papermills_text():
