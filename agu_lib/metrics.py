@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import check_images
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .losses import flatten_params
 from .models import GAN, check_gan, check_output_range, evaluating, generator_params
 
@@ -173,11 +173,24 @@ def make_context(
         if real_images is not None:
             ctx.real_features = classifier.features(real_images).cpu()
         x_floor = positives_elsewhere(original, oracle, n_eval, seed + FLOOR_SEED_OFFSET)
+        check_enough_positives(int((~ctx.orig_negative).sum()), len(x_floor), n_eval)
         ctx.floor_features = classifier.features(x_floor).cpu()
         ctx.floor_labels = classifier.predict(x_floor).cpu()
     if retrained is not None:
         attach_retrained(ctx, retrained)
     return ctx
+
+
+def check_enough_positives(on_latents: int, elsewhere: int, n_eval: int) -> None:
+    """The FIDs to the original's positives need at least 2 of them (a mean and a covariance), on the
+    evaluation latents and on the floor's other latents: ``DataError`` with what to do otherwise (numpy's
+    own error, "Eigenvalues did not converge", says nothing of the cause)."""
+    if min(on_latents, elsewhere) < 2:
+        raise DataError(
+            f"the original GAN made only {on_latents} positive(s) (images the oracle does not flag) on the {n_eval} "
+            f"evaluation latents ({elsewhere} on {n_eval} others): the FID to its positives needs at least 2. The oracle "
+            "flags nearly everything this GAN makes: check the class or the predicate (agu sample shows the GAN's "
+            "samples), or evaluate on more latents (--n-eval; in Python make_context(..., n_eval))")
 
 
 def attach_retrained(ctx: EvalContext, retrained: GAN) -> None:

@@ -166,7 +166,7 @@ def run(
         print(f"agu: {out} holds an earlier run; this run replaces it when it finishes (until then it stays as it is)",
               file=sys.stderr, flush=True)
     device = as_device(device)
-    gan = gan.to(device).eval()
+    gan = gan.clone().to(device).eval()  # (a copy: the caller's GAN keeps its device and mode)
     times: dict[str, float] = {}
     t_all = time.perf_counter()
     cfg.adapt.seed = cfg.seed
@@ -369,7 +369,7 @@ def table(
     jobs: int = 1,
 ) -> dict:
     """Rows = methods, columns = forgotten classes, cells = PUL / FID / Ret-FID (mean ± std over
-    seeds). Per (class, seed) the feedback draw and the adapted GANs are shared by all methods;
+    seeds); ``gan`` is not changed. Per (class, seed) the feedback draw and the adapted GANs are shared by all methods;
     the retrained GAN (the Ret-FID reference) is trained once per class (first seed) and evaluated
     on every seed's latents, so its ± reflects the evaluation latents only.
 
@@ -403,7 +403,7 @@ def table(
                               "(--jobs 1)")
         return _table_in_processes(gan, classifier, forget_classes, seeds, out, base, methods, real, progress,
                                    extra_config, jobs)
-    gan = gan.to(device).eval()
+    gan = gan.clone().to(device).eval()  # (a copy: the caller's GAN keeps its device and mode)
     records = []  # one per (class, seed, method)
     for cls in forget_classes:
         oracle = ClassifierOracle(classifier, [cls])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agu_lib.errors import ConfigError
+from agu_lib.errors import ConfigError, DataError
 from agu_lib.feedback import PredicateOracle
 from agu_lib.metrics import (
     METRICS,
@@ -130,3 +130,20 @@ def test_fid_is_never_negative_and_a_ratio_to_zero_is_nan():
     assert frechet_distance(*feature_stats(a), *feature_stats(a + 1e-7)) < 0  # the rounding, unclamped
     assert fid_from_features(a, a + 1e-7) == 0.0
     assert math.isnan(fid_ratio(3.0, 0.0)) and fid_ratio(3.0, 1.5) == 2.0
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_an_oracle_that_flags_nearly_everything_is_refused_in_words(tiny_gan, kept):
+    """Fewer than 2 of the original's images are positives: no FID to its positives can exist. A DataError
+    says so and what to do, before any training (it was numpy's "Eigenvalues did not converge")."""
+    from agu_lib.classifier import Classifier
+
+    def all_but(x):
+        flagged = torch.ones(len(x), dtype=torch.bool)
+        flagged[:kept] = False
+        return flagged
+
+    torch.manual_seed(0)
+    with pytest.raises(DataError, match=rf"made only {kept} positive\(s\) .* on the 40 evaluation latents.*at least 2.*--n-eval"):
+        make_context(tiny_gan, PredicateOracle(all_but), 40, 0, classifier=Classifier((1, 16, 16), 10))
+    make_context(tiny_gan, PredicateOracle(all_but), 40, 0)  # without a classifier there is no FID: nothing to refuse

@@ -573,3 +573,24 @@ def test_a_module_that_raises_something_else_than_torch_is_named_in_one_line():
         check_gan(agu_lib.GAN(Picky(), bn_discriminator(), 6, SHAPE))
     with pytest.raises(ConfigError, match=r"the discriminator fails on images of shape \(16, 1, 12, 12\): AssertionError: 28x28"):
         check_gan(agu_lib.GAN(BNGenerator(), PickyD(), 6, SHAPE))
+
+
+def test_run_and_table_leave_the_callers_gan_as_it_was(bn_gan, tmp_path):
+    """run() and table() work on a copy: the caller's GAN keeps its mode (and its device) and every weight
+    and batch-norm statistic (they used to move it to their device and switch it to eval mode)."""
+    from agu_lib.classifier import load_classifier
+    from agu_lib.pipeline import RunConfig, run, table
+
+    gan = bn_gan.train()
+    before = {k: v.clone() for k, v in gan.state_dict().items()}
+    cfg = RunConfig(method="el2", n_samples=128, n_eval=16,
+                    adapt=AdaptConfig(iters=2, batch_size=4, n_negatives=8, fisher_samples=4, n_models=1),
+                    unlearn=UnlearnConfig(iters=3, batch_size=8, fisher_samples=4))
+    run(gan, PredicateOracle(bright), tmp_path / "run", cfg, progress=False)
+    assert gan.training and all(torch.equal(v, before[k]) for k, v in gan.state_dict().items())
+
+    digits = load_gan("digits").train()  # (a batch-norm DCGAN) and its classifier
+    before = {k: v.clone() for k, v in digits.state_dict().items()}
+    table(digits, load_classifier("digits"), [1], [0], tmp_path / "table", RunConfig(**{**cfg.__dict__, "n_samples": 500}),
+          methods=("extrapolate",), progress=False)
+    assert digits.training and all(torch.equal(v, before[k]) for k, v in digits.state_dict().items())
