@@ -36,7 +36,7 @@ from .metrics import attach_retrained, evaluate, make_context
 from .models import GAN, IMPORTED, import_architectures
 from .plotting import save_grid
 from .training import MAX_SEED, as_device, check_int, check_positive
-from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, unlearn
+from .unlearn import FINETUNE_METHODS, REPULSION_METHODS, UnlearnConfig, min_positives, unlearn
 
 METHODS = REPULSION_METHODS + FINETUNE_METHODS + ("extrapolate", "retrain")
 NEEDS_ADAPTED = REPULSION_METHODS + ("extrapolate",)
@@ -87,6 +87,18 @@ def needed_negatives(cfg: RunConfig, methods) -> int:
     """Fewest negatives the feedback draw must hold: enough to adapt a GAN when a method uses the
     adapted GANs, else one (with none, there is nothing to forget and PUL is undefined)."""
     return min(cfg.adapt.n_negatives, MIN_NEGATIVES) if any(uses_adapted(m, cfg) for m in methods) else 1
+
+
+def check_positives(fb: Feedback, cfg: RunConfig, methods) -> None:
+    """Stage 2 trains on the feedback's positives: a draw with too few of them (an oracle that flags nearly
+    everything) is refused right after it is drawn, before stage 1 spends its minute for nothing."""
+    need = min_positives(cfg.unlearn)
+    if any(m in REPULSION_METHODS + FINETUNE_METHODS for m in methods) and len(fb.positives) < need:
+        raise DataError(
+            f"the feedback draw holds only {len(fb.positives)} positive(s) (samples the oracle does not flag) among "
+            f"{len(fb.positives) + len(fb.negatives)}: stage 2 trains on them and needs at least {need}. The oracle flags "
+            "nearly everything this GAN makes: check the class or the predicate (agu sample shows the GAN's samples), "
+            "or draw more samples (--n-samples)")
 
 
 def retrain_from_scratch(like: GAN, real: torch.Tensor, iters: int, seed: int, device, progress: bool) -> GAN:
@@ -179,6 +191,7 @@ def run(
     # 1. feedback: draw once, split into negatives / positives
     t = time.perf_counter()
     fb = collect(gan, oracle, cfg.n_samples, seed=cfg.seed + 101, min_negatives=needed_negatives(cfg, [cfg.method]))
+    check_positives(fb, cfg, [cfg.method])
     times["feedback"] = time.perf_counter() - t
 
     # the fixed evaluation latents and the original's scores on them, before any training: a GAN that the
@@ -414,6 +427,7 @@ def table(
                                "unlearn": UnlearnConfig(**asdict(base.unlearn)), "seed": seed})
             t = time.perf_counter()
             fb = collect(gan, oracle, cfg.n_samples, seed=seed + 101, min_negatives=needed_negatives(cfg, methods))
+            check_positives(fb, cfg, methods)
             t_feedback = time.perf_counter() - t
             # the evaluation latents before any training, as in run(): a GAN the evaluation refuses costs no stage
             ctx = make_context(gan, oracle, cfg.n_eval, cfg.eval_seed + seed, classifier, [cls], real_without)

@@ -491,6 +491,11 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
     return int(card["step"])
 
 
+def min_positives(cfg: UnlearnConfig) -> int:
+    """The fewest positives stage 2 trains on: a quarter of a batch."""
+    return cfg.batch_size // 4
+
+
 def unlearn(
     gan: GAN,
     positives: torch.Tensor | Feedback,
@@ -530,8 +535,9 @@ def unlearn(
     check_images(positives, gan.image_shape, "positives")
     if negatives is not None:
         check_images(negatives, gan.image_shape, "negatives")
-    if len(positives) < cfg.batch_size // 4:
-        raise DataError(f"unlearn needs a pool of positives, got only {len(positives)}; draw more samples")
+    if len(positives) < min_positives(cfg):
+        raise DataError(f"unlearn needs a pool of at least {min_positives(cfg)} positives (a quarter of batch_size), got "
+                        f"only {len(positives)}; draw more samples")
     check_data_terms(cfg, positives, adapted, positive_latents, negative_latents, gan.latent_dim, negatives)
 
     # --- setup: fixed things computed once, held on the device --------------------------

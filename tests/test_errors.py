@@ -591,3 +591,18 @@ def test_a_closed_pipe_is_not_a_traceback(gan_copy):
     p = subprocess.run(f"{sys.executable} -m agu_lib.cli info {gan_copy} --full | head -c 10", shell=True, check=False,
                        capture_output=True, text=True, timeout=120)
     assert p.stdout == '{\n  "arch"' and "Traceback" not in p.stderr and "Error" not in p.stderr
+
+
+def test_a_feedback_draw_with_almost_no_positives_is_refused_before_stage_1(tmp_path, capsys, monkeypatch):
+    """An oracle that flags nearly everything (here: ink above the 0.01st percentile) leaves stage 2 no positives
+    to train on. That is said right after the feedback draw: stage 1 does not run first (it used to, then the
+    error advised --resume, which failed again the same way)."""
+    import agu_lib.pipeline
+
+    monkeypatch.setattr(agu_lib.pipeline, "adapt", lambda *a, **k: pytest.fail("stage 1 ran"))
+    out = tmp_path / "bold"
+    assert cli.main(["run", "digits", "--classifier", "digits", "--bold", "0.01", "--out", str(out), "--n-samples", "1000",
+                     "--n-eval", "200", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the feedback draw holds only" in err and "needs at least 16" in err and "--n-samples" in err, err
+    assert "--resume" not in err and not out.exists() and not out.with_name("bold.partial").exists()
