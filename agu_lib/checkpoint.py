@@ -67,8 +67,9 @@ def resolve(path_or_name, kind: str = "gan") -> Path:
     if os.sep not in str(path_or_name) and shipped.is_dir():
         return shipped
     names = shipped_names(kind)
+    where = f" (from {Path.cwd()}: {p.absolute()})" if not p.is_absolute() and os.sep in str(path_or_name) else ""
     raise CheckpointError(
-        f"no {kind} directory at {str(path_or_name)!r}. Give a directory made by agu "
+        f"no {kind} directory at {str(path_or_name)!r}{where}. Give a directory made by agu "
         f"(it holds card.json) or a shipped name: {', '.join(names) or '(none shipped)'}"
     )
 
@@ -224,6 +225,9 @@ def read_card(path, expected_format: str, required=("format", "version", "files"
     path = Path(path)
     card_path = path / "card.json"
     if not card_path.is_file():
+        if (path / "metrics.json").is_file() and (path / "unlearned" / "card.json").is_file():  # a run folder
+            raise CheckpointError(f"{path} is a run folder of agu run, not a checkpoint: its unlearned GAN is "
+                                  f"{path / 'unlearned'} (and the first adapted GAN {path / 'adapted'})")
         raise CheckpointError(f"{path} has no card.json: it is not an agu checkpoint directory (or it is incomplete)")
     try:
         card = json.loads(card_path.read_text())

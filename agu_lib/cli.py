@@ -626,6 +626,7 @@ def cmd_table(args) -> None:
 
 def cmd_book(args) -> None:
     """Build the tutorial book: tools/build_book.py in a source checkout (book/ is not packaged)."""
+    import shutil
     import subprocess
     from pathlib import Path
 
@@ -636,6 +637,8 @@ def cmd_book(args) -> None:
     if not (script.is_file() and (root / "book" / "_config.yml").is_file()):
         raise ConfigError("agu book needs a source checkout of agu (book/, notebooks/ and tools/ are not installed "
                           "with the package): git clone the repository and pip install -e '.[book]'")
+    if not (Path(sys.executable).parent / "jupyter-book").is_file() and shutil.which("jupyter-book") is None:
+        raise ConfigError('jupyter-book is not installed: pip install -e ".[book]" (Jupyter Book 1, which builds offline)')
     cmd = [sys.executable, str(script), "--mode", args.mode] + (["--out", str(Path(args.out).resolve())] if args.out else [])
     if args.no_execute:
         cmd.append("--no-execute")
@@ -694,7 +697,7 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--n-eval", type=int, default=5000, help="evaluation latents (default: 5000)")
     p.add_argument("--real", default="auto", choices=["auto", "digits", "mnist", "none"],
                    help="real data for FID and retraining (default: auto, by the GAN's image shape)")
-    p.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: $AGU_MNIST_DIR or ../shared/data/mnist)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: $AGU_MNIST_DIR, else ../shared/data/mnist beside the repository of an editable install)")
     if needs_out:
         p.add_argument("--out", required=True, help="output directory")
     _common(p)
@@ -828,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=["digits", "mnist"], help="digits (scikit-learn) or mnist (IDX files)")
     p.add_argument("--out", required=True, help="classifier directory to write")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: digits 30, mnist 10)")
-    p.add_argument("--mnist-dir", default=None, help="folder of MNIST's IDX files (default: $AGU_MNIST_DIR or ../shared/data/mnist)")
+    p.add_argument("--mnist-dir", default=None, help="folder of MNIST's IDX files (default: $AGU_MNIST_DIR, else ../shared/data/mnist beside the repository of an editable install)")
     _common(p)
     p.set_defaults(func=cmd_train_classifier)
 
@@ -906,7 +909,10 @@ def _main(args) -> int:
               f"space{_resume_hint(args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"agu {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        hint = _resume_hint(args)
+        if not hint and args.command == "run":  # stopped before stage 1 had finished
+            hint = "; nothing was finished yet: run the same command again to start over"
+        print(f"agu {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

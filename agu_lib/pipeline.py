@@ -203,10 +203,13 @@ def run(
     # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
     adapted: list[GAN] = []
     logs: dict = {}
+    earlier = 0.0  # seconds of a stage 1 that an interrupted run finished
     if uses_adapted(cfg.method, cfg):
         t = time.perf_counter()
         adapted, logs["adapt"], first_seconds = adapt_or_reload(gan, fb.negatives, cfg.adapt, state, device, progress)
         times["adapt"] = first_seconds if first_seconds is not None else time.perf_counter() - t
+        if first_seconds is not None:  # reloaded: the total counts stage 1 as it ran, not the reload
+            earlier = first_seconds - (time.perf_counter() - t)
         ctx.adapted = adapted
 
     # 3. stage 2 (or the baseline)
@@ -229,7 +232,7 @@ def run(
     if adapted:
         metrics["adapted"] = evaluate(adapted[0], ctx, stage1_metrics(ctx))
     times["evaluate"] = t_context + time.perf_counter() - t  # (the context's time counts as evaluation)
-    times["total"] = time.perf_counter() - t_all
+    times["total"] = time.perf_counter() - t_all + earlier  # (a resumed run: as if stage 1 had run in it)
     metrics["seconds"] = {k: round(v, 2) for k, v in times.items()}
 
     # 5. save: every piece written atomically, metrics.json last (its presence = a complete run)

@@ -53,14 +53,18 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int | 
         mark = {"pnginfo": info}
     else:
         mark = {"comment": MARK}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new name: no file of yours
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the image should be like any new file
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # a new name: no file of yours
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the image should be like any new file
         image.save(tmp, format=fmt, **mark)
         os.replace(tmp, path)
+    except OSError as e:  # named by the path asked for, not by the temporary file beside it
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

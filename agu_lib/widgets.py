@@ -10,6 +10,7 @@ ipywidgets is imported only when a widget is built (``pip install -e ".[notebook
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 
 import torch
@@ -25,9 +26,27 @@ def notebook_mode(mode: str) -> bool:
     """A notebook's ``MODE`` parameter checked: True for ``"ci"`` (short runs), False for ``"full"``; any
     other value raises ``ConfigError`` (a typo such as ``"CI"`` once ran the long full mode silently)."""
     if mode not in NOTEBOOK_MODES:
+        if "AGU_MODE" in os.environ and os.environ["AGU_MODE"] == mode:  # the value came from the environment, not the parameters cell
+            raise ConfigError(f"the environment variable AGU_MODE is {mode!r}; it must be one of "
+                              f"{', '.join(map(repr, NOTEBOOK_MODES))}: 'full' for the book and students, 'ci' for "
+                              "quick checks (or unset it: the notebooks then run 'full')")
         raise ConfigError(f"MODE must be one of {', '.join(map(repr, NOTEBOOK_MODES))}, got {mode!r}: "
                           "'full' for the book and students, 'ci' for quick checks (or set AGU_MODE)")
     return mode == "ci"
+
+
+def notebook_threads(value) -> int:
+    """A notebook's torch thread count (``AGU_THREADS``, one by default: the book's numbers) checked and set;
+    returns it. Anything but a positive integer raises ``ConfigError`` (torch's own error names no variable)."""
+    try:
+        threads = int(str(value).strip())
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"AGU_THREADS must be a positive integer such as 1 or 2, got {value!r} (unset it for one "
+                          "thread: the book's numbers)")
+    torch.set_num_threads(threads)
+    return threads
 
 
 def notebook_device(name) -> torch.device:

@@ -104,6 +104,23 @@ def test_no_card(saved):
         load_gan(saved)
 
 
+def test_a_run_folder_points_to_its_gans(saved, tmp_path):
+    """agu evaluate RUN (instead of RUN/unlearned): the message names the GAN inside."""
+    run = tmp_path / "runs" / "forget-1"
+    run.mkdir(parents=True)
+    saved.rename(run / "unlearned")
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"is a run folder of agu run.*its unlearned GAN is .*forget-1/unlearned"):
+        load_gan(run)
+
+
+def test_a_relative_path_that_is_missing_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A notebook runs in notebooks/, so runs/x there is not the README's runs/x: the message shows the folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"no gan directory at 'runs/x' \(from {tmp_path}: {tmp_path}/runs/x\)"):
+        load_gan("runs/x")
+
+
 def test_wrong_format_or_version(saved):
     edit_card(saved, format="agu-classifier")
     with pytest.raises(CheckpointError, match="holds a classifier .give it to --classifier., not a GAN"):

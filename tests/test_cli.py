@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -132,3 +134,22 @@ def test_adapted_shares_counts_with_the_oracle(tiny_gan):
     none = lambda x: x.mean(dim=(1, 2, 3)) > 2  # no image is
     assert cli.adapted_shares(tiny_gan, [tiny_gan, tiny_gan], none, seed=0, n=50).splitlines()[1].startswith(
         "2 adapted GAN(s) below 90%")
+
+
+def test_book_without_jupyter_book_says_what_to_install_and_nothing_else(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))  # no jupyter-book beside it ...
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # ... nor on PATH
+    assert cli.main(["book", "--mode", "ci"]) == 2
+    err = capsys.readouterr().err
+    assert "jupyter-book is not installed" in err and '.[book]' in err
+    assert "the book build failed" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc (a folder where no file can be made)")
+def test_a_grid_that_cannot_be_written_is_named_as_given(capsys):
+    """The grid is written to a temporary file beside the path first; an error names the path, not that file."""
+    assert cli.main(["sample", "digits", "--out", "/proc/agu-grid.png"]) == 2
+    err = capsys.readouterr().err
+    assert "/proc/agu-grid.png" in err and ".tmp" not in err, err

@@ -80,6 +80,7 @@ def test_chapter_structure(path):
     assert "CI = notebook_mode(MODE)" in code, "a MODE typo must stop the notebook, not run the long mode"
     assert 'DEVICE = os.environ.get("AGU_DEVICE", "cpu")' in params.source, "a DEVICE parameter, the CPU by default"
     assert "device = notebook_device(DEVICE)" in cells[1].source
+    assert 'notebook_threads(os.environ.get("AGU_THREADS", "1"))' in cells[1].source, "AGU_THREADS checked"
     assert "import agu_lib" in code or "from agu_lib" in code
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     assert "## Exercises" in markdown
@@ -286,6 +287,31 @@ def test_notebook_mode_accepts_the_two_modes_only():
     for typo in ("CI", "Full", "", None):
         with pytest.raises(ConfigError, match="MODE must be one of 'full', 'ci'"):
             notebook_mode(typo)
+
+
+def test_a_mode_typo_in_the_environment_names_the_variable(monkeypatch):
+    from agu_lib.errors import ConfigError
+    from agu_lib.widgets import notebook_mode
+
+    monkeypatch.setenv("AGU_MODE", "fast")
+    with pytest.raises(ConfigError, match="the environment variable AGU_MODE is 'fast'.*or unset it"):
+        notebook_mode("fast")
+    with pytest.raises(ConfigError, match="MODE must be one of .* got 'CI'.*or set AGU_MODE"):
+        notebook_mode("CI")  # from the parameters cell (or papermill's -p)
+
+
+def test_notebook_threads_checks_and_sets_agu_threads():
+    from agu_lib.errors import ConfigError
+    from agu_lib.widgets import notebook_threads
+
+    try:
+        assert notebook_threads("2") == 2 and torch.get_num_threads() == 2
+        assert notebook_threads(" 1 ") == 1 and torch.get_num_threads() == 1
+        for bad in ("0", "-1", "two", "1.5", ""):
+            with pytest.raises(ConfigError, match=f"AGU_THREADS must be a positive integer .* got {bad!r}"):
+                notebook_threads(bad)
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_notebook_device_checks_the_device_parameter():

@@ -130,6 +130,8 @@ def test_killed_run_resumes_to_the_same_metrics(gan_dir, reference, tmp_path, ca
     assert metrics_without_times(out) == metrics_without_times(reference)
     seconds = json.loads((out / "metrics.json").read_text())["seconds"]
     assert seconds["adapt"] == round(stage1_seconds, 2) > 0  # stage 1's time as it ran, not the reload's
+    parts = seconds["feedback"] + seconds["adapt"] + seconds["unlearn"] + seconds["evaluate"]
+    assert parts <= seconds["total"] + 0.05 and seconds["total"] >= seconds["adapt"]  # the total counts it too
     assert (out / "log.json").read_bytes() == (reference / "log.json").read_bytes()
     assert (out / "unlearned/generator.safetensors").read_bytes() == (reference / "unlearned/generator.safetensors").read_bytes()
     assert not partial.exists()  # a complete run leaves no state behind
@@ -161,6 +163,20 @@ def test_without_resume_the_partial_state_is_discarded(gan_dir, reference, tmp_p
     assert cli.main(run_argv(gan_dir, out)) == 0
     assert "discarding the partial run in" in capsys.readouterr().err
     assert metrics_without_times(out) == metrics_without_times(reference)
+
+
+def test_ctrl_c_in_stage_1_says_to_run_again(gan_dir, tmp_path, capsys, monkeypatch):
+    """Nothing is kept before stage 1 ends: the message says so, and what to do."""
+    import agu_lib.pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agu_lib.pipeline, "adapt", interrupted)
+    assert cli.main(run_argv(gan_dir, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert "agu run: interrupted; nothing was finished yet: run the same command again" in err, err
+    assert not (tmp_path / "run.partial").exists() and not (tmp_path / "run").exists()
 
 
 def test_resume_with_nothing_to_resume_starts_from_scratch(gan_dir, reference, tmp_path, capsys):
