@@ -21,8 +21,8 @@ from .models import import_architectures
 
 
 def pick_device(name: str) -> torch.device:
-    """``--device``: ``auto`` -> cuda if available, else mps, else cpu (``training.as_device``); other names
-    are checked."""
+    """``--device``: ``auto`` -> cuda if available, else cpu (``training.as_device``; mps only by name);
+    other names are checked."""
     from .training import as_device
 
     try:
@@ -99,7 +99,8 @@ def environment(device) -> dict:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: auto)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to compute (default: auto = an NVIDIA GPU if there is one, else the CPU; mps only by name)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed, 0 to 2**31 - 1 (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only results")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -153,3 +153,16 @@ def test_a_grid_that_cannot_be_written_is_named_as_given(capsys):
     assert cli.main(["sample", "digits", "--out", "/proc/agu-grid.png"]) == 2
     err = capsys.readouterr().err
     assert "/proc/agu-grid.png" in err and ".tmp" not in err, err
+
+
+def test_auto_is_the_nvidia_gpu_or_the_cpu_never_mps_unasked(monkeypatch):
+    """A student's Mac has MPS: --device auto (the default) still computes on the CPU, as the README's numbers
+    were; MPS only by name. With CUDA, auto is CUDA."""
+    from agu_lib import training
+
+    monkeypatch.setattr(training, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.as_device("auto") == torch.device("cpu") == cli.pick_device("auto")
+    assert training.as_device("mps") == torch.device("mps")  # asked for by name
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.as_device("auto") == torch.device("cuda")
