@@ -51,8 +51,9 @@ def notebook_threads(value) -> int:
 
 def notebook_device(name) -> torch.device:
     """A notebook's ``DEVICE`` parameter as a ``torch.device``: ``"cpu"`` (the book's numbers), ``"cuda"``,
-    ``"mps"`` or ``"auto"`` (a GPU when there is one). On an NVIDIA GPU the same seed gives the same numbers
-    (``training.deterministic_cuda``), though not the CPU's. A device this machine lacks raises ``ConfigError``."""
+    ``"mps"`` or ``"auto"`` (an NVIDIA GPU when there is one, else the CPU). On an NVIDIA GPU the same seed
+    gives the same numbers (``training.deterministic_cuda``), though not the CPU's. A device this machine
+    lacks raises ``ConfigError``."""
     from .training import as_device, deterministic_cuda
 
     try:
