@@ -72,7 +72,8 @@ class RunConfig:
         check_int("n_eval", self.n_eval, minimum=10)
         for name in ("seed", "eval_seed"):
             check_int(name, getattr(self, name), minimum=0, maximum=MAX_SEED)
-        if self.method == "extrapolate" and not (isinstance(self.extrapolate_gamma, (int, float)) and 1 < self.extrapolate_gamma < float("inf")):
+        gamma = self.extrapolate_gamma  # checked whatever the method: agu table runs extrapolation from this config too
+        if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and 1 < gamma < float("inf")):
             raise ConfigError(f"extrapolate_gamma must be > 1 (and finite) to move away from the adapted GAN, got {self.extrapolate_gamma!r}")
         if not isinstance(self.adapt, AdaptConfig) or not isinstance(self.unlearn, UnlearnConfig):
             raise ConfigError("RunConfig.adapt must be an AdaptConfig and RunConfig.unlearn an UnlearnConfig")

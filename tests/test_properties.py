@@ -119,6 +119,15 @@ def test_combined_run_config_is_accepted_or_a_config_error(values, adapt_values,
         pass
 
 
+def test_extrapolate_gamma_is_checked_whatever_the_method():
+    """(hypothesis found it: method el2 accepted extrapolate_gamma = inf, which agu table's extrapolation row uses)"""
+    for method in ("el2", "extrapolate", "retrain"):
+        with pytest.raises(ConfigError, match="extrapolate_gamma must be > 1 .and finite."):
+            RunConfig(method=method, extrapolate_gamma=float("inf")).validate()
+    with pytest.raises(ConfigError, match="extrapolate_gamma"):
+        RunConfig(extrapolate_gamma=True).validate()
+
+
 def test_config_errors_name_the_field_and_the_range():
     with pytest.raises(ConfigError, match=r"adapt: batch_size must be an integer at least 1, got nan"):
         AdaptConfig(batch_size=float("nan")).validate()
