@@ -166,3 +166,13 @@ def test_auto_is_the_nvidia_gpu_or_the_cpu_never_mps_unasked(monkeypatch):
     assert training.as_device("mps") == torch.device("mps")  # asked for by name
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training.as_device("auto") == torch.device("cuda")
+
+
+def test_every_forget_class_reaches_the_oracle():
+    """--forget 1 8: both classes are negatives (the feedback, the metrics and the card all take this oracle)."""
+    from agu_lib.checkpoint import load_gan
+    from agu_lib.classifier import load_classifier
+
+    args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "8", "--out", "x"])
+    oracle = cli._oracle(args, load_gan("digits"), load_classifier("digits"))
+    assert oracle.forget == [1, 8]

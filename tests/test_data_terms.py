@@ -97,8 +97,11 @@ def test_each_term_changes_training_and_is_deterministic(tiny_gan, feedback, ada
     base = unlearn(tiny_gan, feedback.positives, adapted, TINY, progress=False, **latents(feedback)).gan
     one = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False, **latents(feedback)).gan
     two = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False, **latents(feedback)).gan
+    double = unlearn(tiny_gan, feedback.positives, adapted, replace(cfg, **{term: 2 * TERMS[term]}), progress=False,
+                     **latents(feedback)).gan
     assert not torch.equal(params(base), params(one))
     assert torch.equal(params(one), params(two))
+    assert not torch.equal(params(one), params(double))  # the weight is applied, not only the switch
 
 
 def test_preserve_keeps_positive_latents_close(tiny_gan, feedback, adapted):

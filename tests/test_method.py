@@ -203,3 +203,53 @@ def test_stage1_share_of_negatives_on_the_shipped_gan(eights, settings, target):
     with torch.no_grad():
         share = oracle(model.generate(gan.sample_latents(5000, seed=1234))).float().mean().item()
     assert share >= target, f"the adapted GAN makes {share:.1%} 8s"
+
+
+def test_mean_gan_averages_every_gan(tiny_gan):
+    shifted = tiny_gan.clone()
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(1.0)
+    third = tiny_gan.clone()
+    with torch.no_grad():
+        for p in third.parameters():
+            p.add_(4.0)
+    assert torch.allclose(theta(mean_gan([tiny_gan, shifted, third])), theta(tiny_gan) + 5.0 / 3, atol=1e-5)
+
+
+def test_each_adapted_model_trains_on_its_own_draw_of_negatives(tiny_gan, feedback, monkeypatch):
+    """K adapted models, each on its own draw of n_negatives from the pool (the variety stage 2 repels from)."""
+    import agu_lib.adapt
+
+    sets, real_sample_batch = [], agu_lib.adapt.sample_batch
+    monkeypatch.setattr(agu_lib.adapt, "sample_batch",
+                        lambda pool, *a: sets.append(pool) or real_sample_batch(pool, *a))
+    adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "iters": 1, "n_models": 3, "n_negatives": 4}),
+          progress=False)
+    assert len(sets) == 3 and all(len(s) == 4 for s in sets)
+    rows = [{tuple(x.flatten().tolist()) for x in s} for s in sets]
+    assert rows[0] != rows[1] and rows[1] != rows[2] and rows[0] != rows[2]
+    pool = {tuple(x.flatten().tolist()) for x in feedback.negatives}
+    assert all(r <= pool for r in rows)
+
+
+def test_repulsion_distances_are_normalised_to_1_at_the_start(tiny_gan, feedback):
+    """d_k is divided by d_k(theta_G): the logged mean distance starts at 1 whatever the GAN's size."""
+    from agu_lib.unlearn import DATA_TERMS_OFF
+
+    adapted = adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "n_models": 2}), progress=False).models
+    for distance in ("l2", "fisher", "per_tensor"):
+        cfg = UnlearnConfig(**{**TINY_UNLEARN.__dict__, "iters": 1, "log_every": 1, "g_lr": 1e-9, "d_lr": 1e-9,
+                               "g_ema": 0.0, "gamma": 1e-6, "distance": distance, **DATA_TERMS_OFF})
+        res = unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False)
+        assert res.log[0]["distance"] == pytest.approx(1.0, rel=1e-3), distance
+
+
+def test_fisher_distance_weights_have_mean_1(tiny_gan):
+    """The Fisher-weighted distance is scale-free: its weights are the Fisher over its mean (so one gamma and
+    alpha work across GANs)."""
+    from agu_lib.unlearn import distance_weights
+
+    w = distance_weights(tiny_gan, "fisher", 0, 4)
+    assert w.mean() == pytest.approx(1.0, rel=1e-5) and (w >= 0).all()
+    assert distance_weights(tiny_gan, "l2", 0, 4) is None

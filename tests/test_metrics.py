@@ -147,3 +147,35 @@ def test_an_oracle_that_flags_nearly_everything_is_refused_in_words(tiny_gan, ke
     with pytest.raises(DataError, match=rf"made only {kept} positive\(s\) .* on the 40 evaluation latents.*at least 2.*--n-eval"):
         make_context(tiny_gan, PredicateOracle(all_but), 40, 0, classifier=Classifier((1, 16, 16), 10))
     make_context(tiny_gan, PredicateOracle(all_but), 40, 0)  # without a classifier there is no FID: nothing to refuse
+
+
+def test_retained_tv_compares_the_retained_classes_only(tiny_gan):
+    """TV = 1/2 sum over the retained classes of |p_c - q_c|, each side's shares renormalised without the
+    forgotten class: original labels 0 0 1 2 (forget 1) -> shares 2/3, 0, 1/3; after: 0 0 2 2 -> 1/2, 0, 1/2;
+    TV 1/6 (counting class 1 it would be 1/4)."""
+    from types import SimpleNamespace
+
+    from agu_lib.metrics import EvalContext, retained_tv
+
+    ctx = EvalContext(tiny_gan, lambda x: x, torch.zeros(4, 8), classifier=SimpleNamespace(n_classes=3), forget=[1])
+    ctx.orig_labels = torch.tensor([0, 0, 1, 2])
+    other = tiny_gan.clone()
+    ctx._current = {"gan": other, "labels": torch.tensor([0, 0, 2, 2])}
+    out = retained_tv(other, ctx)
+    assert out["retained_tv"] == pytest.approx(1 / 6)
+    assert [out[f"share_{c}"] for c in range(3)] == pytest.approx([0.5, 0.0, 0.5])  # the shares themselves: all classes
+
+
+def test_precision_is_fakes_near_real_and_recall_real_near_fakes():
+    """A collapsed generator (every fake at the centre of the real data) is precise but recalls little."""
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 2, generator=gen)
+    fake = 0.05 * torch.randn(500, 2, generator=gen)
+    precision, recall = knn_precision_recall(real, fake)
+    assert precision > 0.9 and recall < 0.5
+
+
+def test_the_evaluation_latents_are_the_seeded_ones(tiny_gan):
+    """make_context(seed=s) evaluates on gan.sample_latents(n, seed=s): what a run saves and a reader can redraw."""
+    ctx = make_context(tiny_gan, PredicateOracle(lambda x: x.flatten(1).mean(1) > 0), 20, seed=5)
+    assert torch.equal(ctx.z, tiny_gan.sample_latents(20, seed=5, device="cpu"))

@@ -76,6 +76,11 @@ def test_another_seed_gives_other_metrics(gan_dir, reference, tmp_path):
     out = tmp_path / "seed1"
     assert cli.main(run_argv(gan_dir, out, "--seed", "1")) == 0
     assert (out / "unlearned/generator.safetensors").read_bytes() != (reference / "unlearned/generator.safetensors").read_bytes()
+    # --seed seeds both stages (and the feedback draw), as config.json and the GANs' own records say
+    config = json.loads((out / "config.json").read_text())
+    assert config["seed"] == config["adapt"]["seed"] == 1
+    assert load_gan(out / "adapted").provenance["adapt_config"]["seed"] == 1
+    assert load_gan(out / "unlearned").provenance["unlearn_config"]["seed"] == 1
 
 
 # ----------------------------------------------------------------------------------------
