@@ -253,3 +253,22 @@ def test_fisher_distance_weights_have_mean_1(tiny_gan):
     w = distance_weights(tiny_gan, "fisher", 0, 4)
     assert w.mean() == pytest.approx(1.0, rel=1e-5) and (w >= 0).all()
     assert distance_weights(tiny_gan, "l2", 0, 4) is None
+
+
+@pytest.mark.parametrize("distance", ["per_tensor", "fisher"])
+def test_the_decoupled_step_is_the_written_one(tiny_gan, feedback, distance):
+    """One decoupled NL2 step from theta_G (Adam's own step made negligible): theta moves by
+    gamma * repulsion_lr * sum_k w~ * (theta_G - theta_N,k), with the distance weights w~ scaled to mean 1
+    (so repulsion_lr is a share of the distance whatever the weighting)."""
+    from agu_lib.losses import per_tensor_weights
+    from agu_lib.unlearn import DATA_TERMS_OFF, distance_weights
+
+    adapted = adapt(tiny_gan, feedback.negatives, AdaptConfig(**{**TINY_ADAPT.__dict__, "n_models": 2}), progress=False).models
+    cfg = UnlearnConfig(**{**TINY_UNLEARN.__dict__, "iters": 1, "g_lr": 1e-12, "d_lr": 1e-12, "g_ema": 0.0, "method": "nl2",
+                           "gamma": 0.5, "repulsion_lr": 0.01, "distance": distance, **DATA_TERMS_OFF})
+    moved = theta(unlearn(tiny_gan, feedback.positives, adapted, cfg, progress=False).gan) - theta(tiny_gan)
+    w = per_tensor_weights(generator_params(tiny_gan)) if distance == "per_tensor" else \
+        distance_weights(tiny_gan, "fisher", cfg.seed, cfg.fisher_samples)
+    w = w / w.mean()
+    expected = cfg.gamma * cfg.repulsion_lr * sum(w * (theta(tiny_gan) - theta(a)) for a in adapted)
+    assert torch.allclose(moved, expected, rtol=1e-3, atol=1e-8 + 1e-3 * float(expected.abs().max()))
