@@ -698,7 +698,8 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
     p.add_argument("--n-eval", type=int, default=5000, help="evaluation latents (default: 5000)")
     p.add_argument("--real", default="auto", choices=["auto", "digits", "mnist", "none"],
                    help="real data for FID and retraining (default: auto, by the GAN's image shape)")
-    p.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: $AGU_MNIST_DIR, else ../shared/data/mnist beside the repository of an editable install)")
+    p.add_argument("--mnist-dir", default=None, help="MNIST IDX folder (default: $AGU_MNIST_DIR, else "
+                   "../shared/data/mnist beside the repository of an editable install)")
     if needs_out:
         p.add_argument("--out", required=True, help="output directory")
     _common(p)
@@ -832,7 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=["digits", "mnist"], help="digits (scikit-learn) or mnist (IDX files)")
     p.add_argument("--out", required=True, help="classifier directory to write")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: digits 30, mnist 10)")
-    p.add_argument("--mnist-dir", default=None, help="folder of MNIST's IDX files (default: $AGU_MNIST_DIR, else ../shared/data/mnist beside the repository of an editable install)")
+    p.add_argument("--mnist-dir", default=None, help="folder of MNIST's IDX files (default: $AGU_MNIST_DIR, else "
+                   "../shared/data/mnist beside the repository of an editable install)")
     _common(p)
     p.set_defaults(func=cmd_train_classifier)
 

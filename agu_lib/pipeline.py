@@ -386,8 +386,8 @@ def table(
     jobs: int = 1,
 ) -> dict:
     """Rows = methods, columns = forgotten classes, cells = PUL / FID / Ret-FID (mean ± std over
-    seeds); ``gan`` is not changed. Per (class, seed) the feedback draw and the adapted GANs are shared by all methods;
-    the retrained GAN (the Ret-FID reference) is trained once per class (first seed) and evaluated
+    seeds); ``gan`` is not changed. Per (class, seed) the feedback draw and the adapted GANs are shared
+    by all methods; the retrained GAN (the Ret-FID reference) is trained once per class (first seed) and evaluated
     on every seed's latents, so its ± reflects the evaluation latents only.
 
     ``real``: a labelled ``ImageSet`` of real data (for FID, retraining and Ret-FID), or None.

@@ -26,7 +26,7 @@ def notebook_mode(mode: str) -> bool:
     """A notebook's ``MODE`` parameter checked: True for ``"ci"`` (short runs), False for ``"full"``; any
     other value raises ``ConfigError`` (a typo such as ``"CI"`` once ran the long full mode silently)."""
     if mode not in NOTEBOOK_MODES:
-        if "AGU_MODE" in os.environ and os.environ["AGU_MODE"] == mode:  # the value came from the environment, not the parameters cell
+        if "AGU_MODE" in os.environ and os.environ["AGU_MODE"] == mode:  # it came from the environment
             raise ConfigError(f"the environment variable AGU_MODE is {mode!r}; it must be one of "
                               f"{', '.join(map(repr, NOTEBOOK_MODES))}: 'full' for the book and students, 'ci' for "
                               "quick checks (or unset it: the notebooks then run 'full')")
