@@ -165,9 +165,20 @@ def test_book_drops_frozen_progress_bars_and_keeps_the_rest(tmp_path):
     text = nbformat.v4.new_output("stream", name="stdout", text="share 91.2% | 50%| of it\n")
     cell.outputs = [bar, text, picker, bar]
     nb.cells = [cell]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"x": {}}, "version_major": 2}}
     nbformat.write(nb, tmp_path / "a.ipynb")
     assert build_book.drop_progress_bars(tmp_path / "a.ipynb") == 2
     assert read(tmp_path / "a.ipynb").cells[0].outputs == [text, picker]
+    assert "widgets" not in read(tmp_path / "a.ipynb").metadata  # (no page uses the saved state)
+
+
+def test_the_book_shows_widgets_as_their_text_and_loads_no_widget_scripts():
+    """A static page cannot run a picker or a slider (no kernel), and their scripts come from CDNs (empty
+    offline): the book shows the widgets' one-line text, which says how to use them in a live notebook."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text())["sphinx"]["config"]
+    assert ["html", "application/vnd.jupyter.widget-view+json", None] in config["nb_mime_priority_overrides"]
+    assert config["nb_ipywidgets_js"] == {}
 
 
 def test_compare_sees_changed_checked_outputs():

@@ -95,11 +95,13 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def drop_progress_bars(path: Path) -> int:
-    """Remove tqdm's widget bars from an executed notebook (a static page shows them frozen at 0%);
-    returns how many went."""
+    """Remove tqdm's widget bars from an executed notebook (a static page shows them frozen at 0%), and
+    the widgets' saved state (the pages show the widgets' text, see _config.yml: the state would only
+    add hundreds of kB to a page); returns how many bars went."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("widgets", None)
     dropped = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
