@@ -206,15 +206,12 @@ def test_stage1_share_of_negatives_on_the_shipped_gan(eights, settings, target):
 
 
 def test_mean_gan_averages_every_gan(tiny_gan):
-    shifted = tiny_gan.clone()
+    shifted = [tiny_gan.clone(), tiny_gan.clone()]
     with torch.no_grad():
-        for p in shifted.parameters():
-            p.add_(1.0)
-    third = tiny_gan.clone()
-    with torch.no_grad():
-        for p in third.parameters():
-            p.add_(4.0)
-    assert torch.allclose(theta(mean_gan([tiny_gan, shifted, third])), theta(tiny_gan) + 5.0 / 3, atol=1e-5)
+        for gan, by in zip(shifted, (1.0, 4.0)):
+            for p in gan.parameters():
+                p.add_(by)
+    assert torch.allclose(theta(mean_gan([tiny_gan, *shifted])), theta(tiny_gan) + 5.0 / 3, atol=1e-5)
 
 
 def test_each_adapted_model_trains_on_its_own_draw_of_negatives(tiny_gan, feedback, monkeypatch):
