@@ -145,12 +145,19 @@ def test_check_html_finds_broken_images_and_errors(tmp_path):
     (tmp_path / "_images" / "ok.png").write_bytes(b"\x89PNG")
     (tmp_path / "notebooks" / "a.html").write_text('<img src="../_images/ok.png"><img src="../_images/missing.png">')
     (tmp_path / "notebooks" / "b.html").write_text('<div class="output traceback highlight-ipythontb">x</div>')
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "here.js").write_text("")
+    (tmp_path / "d.html").write_text('<script src="_static/here.js?v=1"></script><script src="_static/gone.js"></script>'
+                                     '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>')
     problems = build_book.check_html(tmp_path, ["a", "b", "c"])
     assert any("missing.png" in p for p in problems)
     assert any("b.html: error output" in p for p in problems)
     assert any("chapter b has no figure" in p for p in problems)
     assert any("chapter c was not built" in p for p in problems)
     assert not any("ok.png" in p for p in problems)
+    assert any("d.html: missing script _static/gone.js" in p for p in problems)
+    assert any("d.html: script from the network https://cdn.jsdelivr.net" in p for p in problems)
+    assert not any("here.js" in p for p in problems)
 
 
 def test_book_drops_frozen_progress_bars_and_keeps_the_rest(tmp_path):

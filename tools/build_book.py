@@ -9,7 +9,8 @@ Steps (nothing in book/ or notebooks/ is modified):
    append every results/*/table.md found ($AGU_RESULTS_DIR overrides results/) to the staged results.md;
 2. execute each staged notebook in place with papermill, AGU_MODE = the mode (prints the seconds);
 3. ``jupyter-book build <out>/_src --path-output <out> -W`` (execution off: already done);
-4. check ``<out>/_build/html``: every <img> resolves, no traceback/error output, every chapter built.
+4. check ``<out>/_build/html``: every <img> and <script> resolves to a file of the book (none comes from the
+   network: the book reads offline, formulas included), no traceback/error output, every chapter built.
 """
 
 from __future__ import annotations
@@ -50,19 +51,24 @@ class _Scan(HTMLParser):
     def __init__(self):
         super().__init__()
         self.images: list[str] = []
+        self.scripts: list[str] = []
         self.error_classes: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "img" and a.get("src"):
             self.images.append(a["src"])
+        if tag == "script" and a.get("src"):
+            self.scripts.append(a["src"])
         cls = a.get("class") or ""
         if re.search(r"\b(traceback|output\s+error|stderr)\b", cls) and "cell_output" not in cls:
             self.error_classes.append(f"<{tag} class={cls!r}>")
 
 
 def check_html(html_dir: Path, chapters=()) -> list[str]:
-    """Problems in a built book: images that do not resolve, error outputs, missing chapters."""
+    """Problems in a built book: images that do not resolve, scripts loaded from the network or missing
+    (read offline, a page with MathJax from a CDN shows its formulas as TeX source), error outputs,
+    missing chapters."""
     problems = []
     for page in sorted(html_dir.rglob("*.html")):
         if "_static" in page.parts or page.name in ("genindex.html", "search.html"):
@@ -76,6 +82,13 @@ def check_html(html_dir: Path, chapters=()) -> list[str]:
             target = (page.parent / src.split("#")[0].split("?")[0]).resolve()
             if not target.is_file() or target.stat().st_size == 0:
                 problems.append(f"{rel}: broken image {src}")
+        for src in scan.scripts:
+            if src.startswith(("http://", "https://", "//")):
+                problems.append(f"{rel}: script from the network {src} (the book must read offline)")
+                continue
+            target = (page.parent / src.split("#")[0].split("?")[0]).resolve()
+            if not target.is_file():
+                problems.append(f"{rel}: missing script {src}")
         for e in scan.error_classes:
             problems.append(f"{rel}: error output {e}")
     for name in chapters:
