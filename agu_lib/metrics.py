@@ -252,11 +252,19 @@ def negative_share(gan: GAN, ctx: EvalContext) -> dict:
 
 @metric("fid", needs="a classifier (the feature network)")
 def fid(gan: GAN, ctx: EvalContext) -> dict:
-    """FID vs real data without the class, vs the original GAN's positive samples, vs the retrained GAN."""
+    """FID vs real data without the class, vs the original GAN's positive samples (and its two parts, below),
+    vs the retrained GAN."""
     if ctx.classifier is None:
         return {}
     f = _outputs(gan, ctx)["features"]
-    out = {"fid_positives": fid_from_features(f, ctx.orig_features[~ctx.orig_negative])}
+    kept = ~ctx.orig_negative  # the latents where the original made positives: their images should stay
+    positives = ctx.orig_features[kept]
+    out = {"fid_positives": fid_from_features(f, positives)}
+    # Where fid_positives comes from. kept: the GAN's images on those latents alone (0 when they did not move;
+    # the drift of what should stay). replaced: the FID with the kept latents' images exactly the original's,
+    # so only the images that replace the negatives differ (what the replacements alone cost).
+    out["fid_positives_kept"] = fid_from_features(f[kept], positives)
+    out["fid_positives_replaced"] = fid_from_features(torch.where(kept[:, None], ctx.orig_features, f), positives)
     if ctx.real_features is not None:
         out["fid_real"] = fid_from_features(f, ctx.real_features)
     if ctx.retrained_features is not None:
@@ -270,10 +278,15 @@ def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None:
         return {}
     n = ctx.classifier.n_classes
-    p = class_shares(ctx.orig_labels, n, ctx.forget)
-    q = class_shares(_outputs(gan, ctx)["labels"], n, ctx.forget)
-    out = {"retained_tv": float(0.5 * (p - q).abs().sum())}
-    out.update({f"share_{c}": float(s) for c, s in enumerate(class_shares(_outputs(gan, ctx)["labels"], n))})
+    labels, kept = _outputs(gan, ctx)["labels"], ~ctx.orig_negative
+    tv = lambda a, b: float(0.5 * (class_shares(a, n, ctx.forget) - class_shares(b, n, ctx.forget)).abs().sum())
+    # and its two parts, as for fid_positives. kept: on the latents where the original made positives alone
+    # (their images changing class); replaced: with those latents' labels the original's, so only the classes
+    # that the images replacing the negatives took count.
+    out = {"retained_tv": tv(ctx.orig_labels, labels),
+           "retained_tv_kept": tv(ctx.orig_labels[kept], labels[kept]),
+           "retained_tv_replaced": tv(ctx.orig_labels, torch.where(kept, ctx.orig_labels, labels))}
+    out.update({f"share_{c}": float(s) for c, s in enumerate(class_shares(labels, n))})
     return out
 
 

@@ -336,7 +336,9 @@ def summary(metrics: dict) -> str:
     """A few lines for the terminal: PUL, FIDs, TV, times."""
     u, o = metrics["unlearned"], metrics["original"]
     keys = [("pul", "PUL %"), ("negative_share", "negative share"), ("fid_real", "FID real"),
-            ("fid_positives", "FID positives"), ("ret_fid", "Ret-FID"), ("retained_tv", "retained TV"),
+            ("fid_positives", "FID positives"), ("fid_positives_kept", "  kept latents"),
+            ("fid_positives_replaced", "  replaced only"), ("ret_fid", "Ret-FID"), ("retained_tv", "retained TV"),
+            ("retained_tv_kept", "  kept latents"), ("retained_tv_replaced", "  replaced only"),
             ("precision", "precision"), ("recall", "recall")]
     lines = [f"method {metrics['method']}  (FID features: {metrics['feature_network']})"]
     for k, label in keys:

@@ -83,7 +83,7 @@ def test_shipped_gan_metrics_against_itself():
     real = load_digits().without([1]).images
     ctx = make_context(gan, ClassifierOracle(clf, [1]), 2000, seed=5, classifier=clf, forget=[1], real_images=real)
     m = evaluate(gan, ctx)
-    assert m["pul"] == 0.0 and m["retained_tv"] == 0.0
+    assert m["pul"] == 0.0 and m["retained_tv"] == m["retained_tv_kept"] == m["retained_tv_replaced"] == 0.0
     assert 0.04 < m["negative_share"] < 0.12  # the shipped GAN makes ~8% ones
     assert m["fid_positives"] > 1.0  # the original still holds the ones the positives lack
     assert 0.3 < m["precision"] <= 1.0 and 0.3 < m["recall"] <= 1.0  # measured 0.45 / recall above 0.3
@@ -98,6 +98,48 @@ def test_shipped_gan_metrics_against_itself():
     assert "fid_positives_floor" not in evaluate(gan.clone(), ctx)  # a reference of the original only
     with pytest.raises(ConfigError, match="original GAN only"):  # asked for by name: says why there is none
         evaluate(gan.clone(), ctx, ["floor"])
+
+
+class PairedEdit(torch.nn.Module):
+    """A generator that makes the original's images where the oracle calls them positive and another
+    GAN's images where it flags them: an unlearned GAN whose kept images did not move at all."""
+
+    def __init__(self, original, other, oracle):
+        super().__init__()
+        self.original, self.other, self.oracle = original, other, oracle
+
+    def forward(self, z):
+        x = self.original.generate(z)
+        return torch.where(self.oracle(x)[:, None, None, None], self.other.generate(z), x)
+
+
+def test_fid_to_the_positives_splits_into_the_kept_images_drift_and_the_replacements():
+    from agu_lib import load_gan
+    from agu_lib.classifier import load_classifier
+    from agu_lib.feedback import ClassifierOracle
+    from agu_lib.models import GAN
+
+    gan, clf = load_gan("digits"), load_classifier("digits")
+    oracle = ClassifierOracle(clf, [1])
+    ctx = make_context(gan, oracle, 2000, seed=5, classifier=clf, forget=[1])
+    m = evaluate(gan, ctx, ["fid"])
+    assert m["fid_positives_kept"] < 1e-6  # the original keeps its own positives
+    assert m["fid_positives_replaced"] == m["fid_positives"]  # and its "replacements" are its negatives
+
+    moved = gan.clone()  # every image moves a little
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in moved.generator.parameters():
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    drift = evaluate(moved, ctx, ["fid"])
+    assert drift["fid_positives_kept"] > 0.5  # measured 1.55 (fid_positives 22.7)
+    assert drift["fid_positives_replaced"] < drift["fid_positives"]
+
+    edit = GAN(PairedEdit(gan, moved, oracle), gan.discriminator, gan.latent_dim, gan.image_shape)
+    paired = evaluate(edit, ctx, ["fid"])
+    assert paired["fid_positives_kept"] < 1e-6  # the kept images are the original's
+    assert paired["fid_positives_replaced"] == pytest.approx(paired["fid_positives"], rel=1e-9)
+    assert paired["fid_positives_replaced"] == pytest.approx(drift["fid_positives_replaced"], rel=1e-9)
 
 
 def test_positives_elsewhere_are_positives_on_other_latents(tiny_gan):
@@ -149,7 +191,7 @@ def test_an_oracle_that_flags_nearly_everything_is_refused_in_words(tiny_gan, ke
     make_context(tiny_gan, PredicateOracle(all_but), 40, 0)  # without a classifier there is no FID: nothing to refuse
 
 
-def test_retained_tv_compares_the_retained_classes_only(tiny_gan):
+def test_retained_tv_compares_the_retained_classes_only_and_splits_into_kept_and_replaced(tiny_gan):
     """TV = 1/2 sum over the retained classes of |p_c - q_c|, each side's shares renormalised without the
     forgotten class: original labels 0 0 1 2 (forget 1) -> shares 2/3, 0, 1/3; after: 0 0 2 2 -> 1/2, 0, 1/2;
     TV 1/6 (counting class 1 it would be 1/4)."""
@@ -159,11 +201,20 @@ def test_retained_tv_compares_the_retained_classes_only(tiny_gan):
 
     ctx = EvalContext(tiny_gan, lambda x: x, torch.zeros(4, 8), classifier=SimpleNamespace(n_classes=3), forget=[1])
     ctx.orig_labels = torch.tensor([0, 0, 1, 2])
+    ctx.orig_negative = ctx.orig_labels == 1
     other = tiny_gan.clone()
     ctx._current = {"gan": other, "labels": torch.tensor([0, 0, 2, 2])}
     out = retained_tv(other, ctx)
     assert out["retained_tv"] == pytest.approx(1 / 6)
     assert [out[f"share_{c}"] for c in range(3)] == pytest.approx([0.5, 0.0, 0.5])  # the shares themselves: all classes
+    # its parts: the kept latents (0, 1, 3) kept their classes; the replacement (a 2) made all of the TV
+    assert out["retained_tv_kept"] == 0.0 and out["retained_tv_replaced"] == pytest.approx(1 / 6)
+    # a kept 0 turned into a 2 and the replacement is a 0: kept 0 0 2 -> 0 2 2 (TV 1/3); with the kept labels
+    # the original's, 0 0 0 2 against 0 0 _ 2 (shares 3/4, 1/4 against 2/3, 1/3: TV 1/12)
+    ctx._current = {"gan": other, "labels": torch.tensor([0, 2, 0, 2])}
+    out = retained_tv(other, ctx)
+    assert out["retained_tv"] == pytest.approx(1 / 6)
+    assert out["retained_tv_kept"] == pytest.approx(1 / 3) and out["retained_tv_replaced"] == pytest.approx(1 / 12)
 
 
 def test_precision_is_fakes_near_real_and_recall_real_near_fakes():

@@ -37,6 +37,11 @@ def test_short_run_lowers_the_forgotten_class(tmp_path, capsys):
                                   "feedback.json, latents.safetensors, log.json, metrics.json)") in out_text
     assert o["fid_positives_floor"] > 0 and "fid_positives_floor" not in u  # the floor: a reference of the original
     assert f"floor            FID positives {o['fid_positives_floor']:.4f}" in out_text
+    # FID to the positives and its two parts, the kept images' drift and the replacements alone
+    assert f"    kept latents   original    0.0000   unlearned {u['fid_positives_kept']:9.4f}" in out_text
+    assert f"    replaced only  original {o['fid_positives']:9.4f}   unlearned {u['fid_positives_replaced']:9.4f}" in out_text
+    assert u["fid_positives_kept"] > 0 and u["fid_positives_replaced"] < o["fid_positives"]
+    assert f"    replaced only  original    0.0000   unlearned {u['retained_tv_replaced']:9.4f}" in out_text
     assert f"adapted          negative share {m['adapted']['negative_share']:.4f}  (stage 1's first adapted GAN" in out_text
 
 
