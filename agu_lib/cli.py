@@ -383,6 +383,7 @@ CONFIG_FLAGS = [
     ("negative_latent_weight", "unlearn", "negative_latent_weight"), ("preserve_weight", "unlearn", "preserve_weight"),
     ("detector_weight", "unlearn", "detector_weight"), ("g_ema", "unlearn", "g_ema"),
     ("negative_source", "unlearn", "negative_source"), ("adapt_d_lr", "adapt", "d_lr"), ("adapt_g_ema", "adapt", "g_ema"),
+    ("flagged_fake_weight", "unlearn", "flagged_fake_weight"),
 ]
 
 
@@ -676,6 +677,10 @@ def _method_args(p: argparse.ArgumentParser, needs_out: bool = True) -> None:
                         "flagged negatives themselves, or both (more removal; see README)")
     p.add_argument("--negative-latent-weight", type=float, default=None,
                    help="stage 2: G's adversarial loss again on the flagged negatives' latents, with this weight (default 3)")
+    p.add_argument("--flagged-fake-weight", type=float, default=None,
+                   help="stage 2 (opt-in): D also learns G's current images of the flagged negatives' latents as fakes, "
+                        "with this weight (default 0: off; 3 removed more on both shipped GANs but moved the digits "
+                        "positives further, see README)")
     p.add_argument("--paper-stage2", action="store_true",
                    help="the paper's stage 2: no data terms, G lr 1e-4, no weight average, 5000 feedback samples (flags given with it still apply)")
     p.add_argument("--preserve-weight", type=float, default=None,

@@ -154,17 +154,22 @@ class TrainNets:
 
 
 def d_step(nets: TrainNets, opt_d, real: torch.Tensor, z: torch.Tensor, aug, device, amp: bool,
-           negatives: torch.Tensor | None = None, negative_weight: float = 0.0) -> torch.Tensor:
+           negatives: torch.Tensor | None = None, negative_weight: float = 0.0,
+           zneg: torch.Tensor | None = None, zneg_weight: float = 0.0) -> torch.Tensor:
     """D's step, max_phi L_adv, on one batch: L_D = E_real[softplus(-D(x))] + E_z[softplus(D(G(z)))]
     (+ negative_weight * E_neg[softplus(D(x_neg))] when known ``negatives`` are given: samples D must
-    call fake). ``real`` and ``negatives`` are already augmented; ``aug`` augments the fakes.
-    Returns L_D (detached, on the device)."""
+    call fake; + zneg_weight * E_{zneg}[softplus(D(G(zneg)))] when latents ``zneg`` are given: G's
+    current images of those latents are fakes too). ``real`` and ``negatives`` are already augmented;
+    ``aug`` augments the fakes. Returns L_D (detached, on the device)."""
     with autocast(device, amp):
         with torch.no_grad():  # G's output is a constant in D's step: no graph through G
             fake = nets.generate(z)
+            fake_zneg = nets.generate(zneg) if zneg is not None and zneg_weight > 0 else None
         d_loss = d_logistic_loss(nets.discriminate(real), nets.discriminate(aug(fake)))
         if negatives is not None and negative_weight > 0:
             d_loss = d_loss + negative_weight * d_negative_loss(nets.discriminate(negatives))
+        if fake_zneg is not None:
+            d_loss = d_loss + zneg_weight * d_negative_loss(nets.discriminate(aug(fake_zneg)))
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()

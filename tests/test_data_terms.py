@@ -28,7 +28,8 @@ from agu_lib.unlearn import (
 )
 
 TINY = UnlearnConfig(iters=12, batch_size=8, fisher_samples=4, log_every=4, **DATA_TERMS_OFF)
-TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0, "detector_weight": 3.0}
+TERMS = {"negative_weight": 3.0, "negative_latent_weight": 3.0, "preserve_weight": 100.0, "detector_weight": 3.0,
+         "flagged_fake_weight": 3.0}
 
 
 @pytest.fixture
@@ -66,8 +67,10 @@ def test_loss_formulas():
 def test_defaults_have_the_terms_on_and_the_paper_preset_off():
     d = UnlearnConfig()
     assert (d.negative_weight, d.negative_latent_weight, d.preserve_weight, d.g_lr, d.g_ema) == (3.0, 3.0, 100.0, 1e-3, 0.99)
+    assert d.flagged_fake_weight == 0.0  # opt-in (README: more removal, but the digits positives move further)
     p = UnlearnConfig(**PAPER_STAGE2)
     assert (p.negative_weight, p.negative_latent_weight, p.preserve_weight, p.g_lr, p.g_ema) == (0.0, 0.0, 0.0, 1e-4, 0.0)
+    assert UnlearnConfig(**{**PAPER_STAGE2, "flagged_fake_weight": 3.0}).flagged_fake_weight == 3.0
     parse = lambda *extra: cli._run_config(cli.build_parser().parse_args(
         ["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x", *extra]))
     cfg = parse("--paper-stage2", "--iters", "7")
@@ -129,6 +132,38 @@ def test_negative_fakes_teach_d_to_reject_adapted_samples(tiny_gan, feedback, ad
             return float(d.discriminate(negs).mean())
 
     assert score(replace(cfg, negative_weight=3.0)) < score(cfg) - 0.1
+
+
+def test_d_step_adds_the_flagged_latents_images_as_fakes(tiny_gan, feedback):
+    """beta_F: L_D = E_real[softplus(-D(x))] + E_z[softplus(D(G(z)))] + w E_{z_neg}[softplus(D(G(z_neg)))], with G's
+    images of the flagged latents as they are at this step; w = 0 or no latents: the plain loss."""
+    from agu_lib.losses import d_logistic_loss
+    from agu_lib.training import TrainNets, adam, d_step
+
+    gan = tiny_gan.clone()
+    cpu = torch.device("cpu")
+    nets = TrainNets(gan, cpu)
+    real, z, zneg = feedback.positives[:8], gan.sample_latents(8, seed=1), feedback.negative_latents[:8]
+    with torch.no_grad():
+        plain = d_logistic_loss(gan.discriminate(real), gan.discriminate(gan.generate(z)))
+        extra = d_negative_loss(gan.discriminate(gan.generate(zneg)))
+    opt = lambda: adam(gan.discriminator.parameters(), 0.0)  # lr 0: D stays where it is between the calls
+    same = lambda x: x
+    assert torch.allclose(d_step(nets, opt(), real, z, same, cpu, False, zneg=zneg, zneg_weight=2.5), plain + 2.5 * extra)
+    assert torch.allclose(d_step(nets, opt(), real, z, same, cpu, False, zneg=zneg, zneg_weight=0.0), plain)
+    assert torch.allclose(d_step(nets, opt(), real, z, same, cpu, False), plain)
+
+
+def test_flagged_fakes_teach_d_to_reject_g_on_the_flagged_latents_and_need_no_beta_z(tiny_gan, feedback, adapted):
+    """beta_F alone (beta_Z 0): D ends up scoring G's images of the flagged latents lower than without it."""
+    cfg = replace(TINY, method="finetune", iters=30)
+
+    def score(c):
+        g = unlearn(tiny_gan, feedback, adapted, c, progress=False).gan
+        with torch.no_grad():
+            return float(g.discriminate(g.generate(feedback.negative_latents)).mean())
+
+    assert score(replace(cfg, flagged_fake_weight=3.0)) < score(cfg) - 0.1
 
 
 def test_negative_sources_are_the_adapted_samples_the_flagged_images_or_both(feedback, adapted):
@@ -225,7 +260,8 @@ def test_adapted_samples_come_from_every_adapted_gan(tiny_gan, adapted):
 
 
 @pytest.mark.parametrize("term, needs", [("preserve_weight", "positive_latents"),
-                                         ("negative_latent_weight", "negative_latents")])
+                                         ("negative_latent_weight", "negative_latents"),
+                                         ("flagged_fake_weight", "negative_latents")])
 def test_terms_without_their_latents_are_config_errors(tiny_gan, feedback, adapted, term, needs):
     cfg = replace(TINY, **{term: 1.0})
     with pytest.raises(ConfigError, match=needs):
@@ -265,10 +301,11 @@ def test_cli_flags_reach_the_config():
     parser = cli.build_parser()
     args = parser.parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "--out", "x",
                               "--negative-weight", "3", "--negative-latent-weight", "2", "--preserve-weight", "100",
-                              "--unlearn-g-lr", "0.001", "--detector-weight", "5", "--g-ema", "0.9"])
+                              "--unlearn-g-lr", "0.001", "--detector-weight", "5", "--g-ema", "0.9",
+                              "--flagged-fake-weight", "4"])
     u = cli._run_config(args).unlearn
-    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr, u.detector_weight, u.g_ema) == \
-        (3.0, 2.0, 100.0, 0.001, 5.0, 0.9)
+    assert (u.negative_weight, u.negative_latent_weight, u.preserve_weight, u.g_lr, u.detector_weight, u.g_ema,
+            u.flagged_fake_weight) == (3.0, 2.0, 100.0, 0.001, 5.0, 0.9, 4.0)
 
 
 # ----------------------------------------------------------------------------------------
