@@ -125,18 +125,19 @@ def stage1_metrics(ctx) -> list[str]:
 
 
 def apply_method(method: str, gan: GAN, feedback: Feedback, adapted, cfg: RunConfig, real_without, device, progress,
-                 state_dir=None) -> tuple[GAN, list]:
-    """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining).
+                 state_dir=None) -> tuple[GAN, list, float]:
+    """Stage 2 with ``method`` (a repulsion, a fine-tuning baseline, extrapolation or retraining): the
+    result, its loss log, and the seconds an interrupted run had trained before this one resumed it.
     ``state_dir``: resumable checkpoints of ``unlearn`` (repulsion and fine-tuning methods)."""
     if method in REPULSION_METHODS + FINETUNE_METHODS:
         ucfg = UnlearnConfig(**{**asdict(cfg.unlearn), "method": method, "seed": cfg.seed})
         res = unlearn(gan, feedback, adapted, ucfg, device=device, progress=progress, state_dir=state_dir)
-        return res.gan, res.log
+        return res.gan, res.log, res.earlier_seconds
     if method == "extrapolate":
-        return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), []
+        return extrapolate(gan, mean_gan(adapted), cfg.extrapolate_gamma), [], 0.0
     if real_without is None:
         raise DataError("method retrain needs real data without the forgotten class (digits or MNIST); none was given")
-    return retrain_from_scratch(gan, real_without, cfg.retrain_iters, cfg.seed, device, progress), []
+    return retrain_from_scratch(gan, real_without, cfg.retrain_iters, cfg.seed, device, progress), [], 0.0
 
 
 def run(
@@ -204,7 +205,7 @@ def run(
     # 2. stage 1: adapt K copies to the negatives (only the methods that use them)
     adapted: list[GAN] = []
     logs: dict = {}
-    earlier = 0.0  # seconds of a stage 1 that an interrupted run finished
+    earlier = 0.0  # seconds that an interrupted run spent on what this one resumes (stage 1, stage-2 steps)
     if uses_adapted(cfg.method, cfg):
         t = time.perf_counter()
         adapted, logs["adapt"], first_seconds = adapt_or_reload(gan, fb.negatives, cfg.adapt, state, device, progress)
@@ -215,11 +216,12 @@ def run(
 
     # 3. stage 2 (or the baseline)
     t = time.perf_counter()
-    result, log = apply_method(cfg.method, gan, fb, adapted, cfg, real_without, device, progress,
-                               state_dir=state / "unlearn")
+    result, log, trained_before = apply_method(cfg.method, gan, fb, adapted, cfg, real_without, device, progress,
+                                               state_dir=state / "unlearn")
     if log:
         logs["unlearn"] = log
-    times["unlearn"] = time.perf_counter() - t
+    times["unlearn"] = time.perf_counter() - t + trained_before  # (a resumed run: its steps before the interruption too)
+    earlier += trained_before
 
     # 4. evaluate on the fixed latents: original, adapted, result
     t = time.perf_counter()
@@ -233,7 +235,7 @@ def run(
     if adapted:
         metrics["adapted"] = evaluate(adapted[0], ctx, stage1_metrics(ctx))
     times["evaluate"] = t_context + time.perf_counter() - t  # (the context's time counts as evaluation)
-    times["total"] = time.perf_counter() - t_all + earlier  # (a resumed run: as if stage 1 had run in it)
+    times["total"] = time.perf_counter() - t_all + earlier  # (a resumed run: as if it had run uninterrupted)
     metrics["seconds"] = {k: round(v, 2) for k, v in times.items()}
 
     # 5. save: every piece written atomically, metrics.json last (its presence = a complete run)
@@ -455,7 +457,7 @@ def table(
                     if method == "retrain":
                         result, seconds = retrained, t_retrain
                     else:
-                        result, _ = apply_method(method, gan, fb, adapted, cfg, real_without, device, progress)
+                        result, _, _ = apply_method(method, gan, fb, adapted, cfg, real_without, device, progress)
                         seconds = time.perf_counter() - t + (t_adapt if uses_adapted(method, cfg) else 0.0)
                     m = evaluate(result, ctx)  # (non-finite images raise too)
                 except TrainingError as e:  # a diverged method is a result (a row says so), not the end of the table

@@ -103,6 +103,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -270,6 +271,7 @@ class UnlearnResult:
     gan: GAN  # the unlearned GAN (theta_P, phi_P)
     log: list[dict] = field(default_factory=list)  # rows of mean losses (and distances)
     config: dict = field(default_factory=dict)
+    earlier_seconds: float = 0.0  # a resumed run: the seconds its training loop ran before the interruption
 
 
 def distance_weights(gan: GAN, kind: str, seed: int, fisher_samples: int) -> torch.Tensor | None:
@@ -460,10 +462,10 @@ def unlearn_step(nets: TrainNets, opt_g, opt_d, real, z, flat: FlatParams, reg, 
 
 
 def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog,
-               ema: torch.Tensor | None = None) -> None:
+               ema: torch.Tensor | None = None, seconds: float = 0.0) -> None:
     """A resumable checkpoint after ``step`` (0-based): weights, Adam states, random generator
-    states, the losses so far, G's weight average (``ema``, when on). Refuses to checkpoint a
-    diverged model (``TrainingError``)."""
+    states, the losses so far, G's weight average (``ema``, when on), the seconds the training loop
+    has run. Refuses to checkpoint a diverged model (``TrainingError``)."""
     pending = log.pending(step)  # checks the unflushed losses are finite
     params = list(model.generator.parameters()) + list(model.discriminator.parameters())
     if not bool(torch.isfinite(flatten_params(params)).all()):
@@ -473,16 +475,16 @@ def save_state(state_dir, step: int, cfg: UnlearnConfig, model: GAN, opt_g, opt_
         state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d},
         {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "pending_losses": pending,
          **({"g_ema": ema} if ema is not None else {})},
-        {"stage": "unlearn", "step": step + 1, "log_rows": log.rows, "config": asdict(cfg)},
+        {"stage": "unlearn", "step": step + 1, "log_rows": log.rows, "config": asdict(cfg), "seconds": seconds},
     )
 
 
 def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: torch.Generator, log: LossLog, device,
-               ema: torch.Tensor | None = None) -> int:
+               ema: torch.Tensor | None = None) -> tuple[int, float]:
     """Load a checkpoint of ``save_state`` if ``state_dir`` holds one (``ema``: filled in place);
-    returns the step to continue from (0: none)."""
+    returns the step to continue from and the seconds the loop had run until then ((0, 0.0): none)."""
     if not (Path(state_dir) / "card.json").is_file():
-        return 0
+        return 0, 0.0
     try:
         tensors, card = load_training_state(
             state_dir, {"generator": model.generator, "discriminator": model.discriminator}, {"opt_g": opt_g, "opt_d": opt_d})
@@ -504,7 +506,7 @@ def load_state(state_dir, cfg: UnlearnConfig, model: GAN, opt_g, opt_d, gen: tor
             raise CheckpointError(f"the checkpoint in {state_dir} has no weight average of G (made by an older agu, or "
                                   "with g_ema 0): run without --resume to start over")
         ema.copy_(tensors["g_ema"])
-    return int(card["step"])
+    return int(card["step"]), float(card.get("seconds", 0.0))  # (an older agu's checkpoint has no seconds)
 
 
 def min_positives(cfg: UnlearnConfig) -> int:
@@ -596,7 +598,8 @@ def unlearn(
     opt_g = adam(model.generator.parameters(), cfg.g_lr)
     opt_d = adam(model.discriminator.parameters(), cfg.d_lr)
     ema = theta_g.clone() if cfg.g_ema > 0 else None  # (P,) G's weight average, starting at theta_G
-    start = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device, ema) if state_dir is not None else 0
+    start, earlier = load_state(state_dir, cfg, model, opt_g, opt_d, gen, log, device, ema) if state_dir is not None \
+        else (0, 0.0)
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"unlearn {cfg.method}",
                disable=not progress, leave=False)
     finetuning_mode(model)  # train mode; G's batch norm (if any) keeps its statistics, as the targets of beta_P were made
@@ -604,6 +607,7 @@ def unlearn(
     flat = FlatParams(generator_params(model))  # theta as one (P,) vector, buffers allocated once
 
     # --- train: the GAN game on the positives plus the regulariser on G -----------------
+    t_loop = time.perf_counter()
     for step in bar:
         idx = sample_index(len(pool), cfg.batch_size, gen, device)  # positives (and their latents for beta_P)
         x = pool[idx]
@@ -621,7 +625,7 @@ def unlearn(
         if row and progress:
             bar.set_postfix(d=f"{row['d_loss']:.3f}", g=f"{row['g_adv']:.3f}", reg=f"{row['reg']:.3g}")
         if state_dir is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iters and is_main_process():
-            save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log, ema)
+            save_state(state_dir, step, cfg, model, opt_g, opt_d, gen, log, ema, earlier + time.perf_counter() - t_loop)
     log.flush(cfg.iters - 1)
     if ema is not None:  # the unlearned G is the average (D keeps its last weights)
         flat.write_(ema)
@@ -636,4 +640,4 @@ def unlearn(
                       "(check FID); lower gamma" + (" (NL2's push never weakens: EL2 is the bounded one)"
                                                     if cfg.method == "nl2" else ""), stacklevel=2)
     model.provenance = {**gan.provenance, "stage": "unlearned", "unlearn_config": asdict(cfg)}
-    return UnlearnResult(model, log.rows, asdict(cfg))
+    return UnlearnResult(model, log.rows, asdict(cfg), earlier)

@@ -175,7 +175,7 @@ def test_checkpoint_without_the_average_is_refused(tiny_gan, tmp_path):
     save_state(tmp_path / "state", 3, cfg, model, *opts, gen, log)  # no average saved
     with pytest.raises(CheckpointError, match="no weight average.*without --resume"):
         load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu", ema=theta(model).clone())
-    assert load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu") == 4  # without the average it loads
+    assert load_state(tmp_path / "state", cfg, model, *opts, gen, log, "cpu") == (4, 0.0)  # without the average it loads
 
 
 @pytest.fixture(scope="module")

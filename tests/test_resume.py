@@ -129,6 +129,10 @@ def test_killed_run_resumes_to_the_same_metrics(gan_dir, reference, tmp_path, ca
     monkeypatch.setattr(LossLog, "add", lambda self, step, *v: steps.append(step + 1) or real_add(self, step, *v))
     capsys.readouterr()
     stage1_seconds = json.loads((partial / "adapted.json").read_text())["seconds"]
+    card = json.loads((partial / "unlearn" / "card.json").read_text())
+    assert card["seconds"] > 0  # the killed run's stage-2 seconds until its checkpoint
+    card["seconds"] = 1000.0  # as if those steps had taken long: the resumed run must count them
+    (partial / "unlearn" / "card.json").write_text(json.dumps(card))
     assert cli.main(run_argv(gan_dir, out, "--resume")) == 0
     assert f"resuming from {partial}" in capsys.readouterr().err
     assert steps == list(range(9, ITERS + 1))
@@ -137,6 +141,7 @@ def test_killed_run_resumes_to_the_same_metrics(gan_dir, reference, tmp_path, ca
     assert seconds["adapt"] == round(stage1_seconds, 2) > 0  # stage 1's time as it ran, not the reload's
     parts = seconds["feedback"] + seconds["adapt"] + seconds["unlearn"] + seconds["evaluate"]
     assert parts <= seconds["total"] + 0.05 and seconds["total"] >= seconds["adapt"]  # the total counts it too
+    assert 1000 < seconds["unlearn"] < 1000 + 60 and seconds["total"] > 1000 + seconds["adapt"]  # and stage 2's steps before
     assert (out / "log.json").read_bytes() == (reference / "log.json").read_bytes()
     assert (out / "unlearned/generator.safetensors").read_bytes() == (reference / "unlearned/generator.safetensors").read_bytes()
     assert not partial.exists()  # a complete run leaves no state behind
