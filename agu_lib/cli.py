@@ -154,9 +154,12 @@ def cmd_sample(args) -> None:
     if replaces and not written_by_agu(out):
         raise CheckpointError(f"--out {args.out} exists and is not an image agu wrote; agu sample replaces only its own "
                               "grids. Choose another --out, or move that file away")
+    if replaces and not out.stat().st_mode & 0o222:  # no write bit: made read-only (a rename would ignore that)
+        raise CheckpointError(f"--out {args.out} is a grid agu wrote, but it is read-only: agu sample leaves it as it is. "
+                              f"Make it writable (chmod u+w {args.out}) or choose another --out")
     gan = load_gan(args.gan, device=pick_device(args.device))
     x = gan.sample(args.n, seed=args.seed)
-    save_grid(x, args.out)
+    save_grid(x, out.resolve() if out.is_symlink() else out)  # through a link, to the grid it points to
     print(f"wrote {args.n} samples of {args.gan} (seed {args.seed}) to {args.out}"
           + (" (replacing the grid that was there)" if replaces else ""))
 

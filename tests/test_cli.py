@@ -44,6 +44,24 @@ def test_sample_replaces_only_its_own_grid(tmp_path, capsys):
     assert "photo.png is a file, not a folder" in capsys.readouterr().err and photo.read_bytes() == before
 
 
+def test_sample_keeps_a_read_only_grid_and_writes_through_a_link(tmp_path, capsys):
+    """A grid made read-only is left as it is, with what to do; a link to a grid stays a link, and the grid it
+    points to gets the new samples."""
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", "digits", "--n", "4", "--out", str(grid), "--device", "cpu"]) == 0
+    first = grid.read_bytes()
+    grid.chmod(0o444)
+    assert cli.main(["sample", "digits", "--n", "4", "--seed", "1", "--out", str(grid), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is read-only" in err and "chmod u+w" in err and grid.read_bytes() == first
+    grid.chmod(0o644)
+    link = tmp_path / "latest.png"
+    link.symlink_to(grid)
+    assert cli.main(["sample", "digits", "--n", "4", "--seed", "2", "--out", str(link), "--device", "cpu"]) == 0
+    assert link.is_symlink() and grid.read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "latest.png"]
+
+
 def test_info_prints_the_card(capsys):
     assert cli.main(["info", "digits"]) == 0
     card = json.loads(capsys.readouterr().out)
