@@ -84,6 +84,11 @@ def class_shares(labels: torch.Tensor, n_classes: int, exclude=()) -> torch.Tens
     return counts / counts.sum().clamp_min(1)
 
 
+# TV = 1/2 sum_c |p_c - q_c| over the retained classes' shares (the forgotten ones excluded on both sides)
+def retained_tv_between(labels_a: torch.Tensor, labels_b: torch.Tensor, n_classes: int, forget) -> float:
+    return float(0.5 * (class_shares(labels_a, n_classes, forget) - class_shares(labels_b, n_classes, forget)).abs().sum())
+
+
 @torch.no_grad()
 def positives_elsewhere(original: GAN, oracle: Callable, n: int, seed: int, max_rounds: int = 20) -> torch.Tensor:
     """``n`` positive samples of ``original`` (images the oracle does not flag) on latents other than
@@ -272,14 +277,14 @@ def fid(gan: GAN, ctx: EvalContext) -> dict:
     return out
 
 
-# TV = 1/2 sum_c |p_c - q_c| over the retained classes' shares (before vs after)
+# retained_tv_between(before, after) on the evaluation latents, and its two parts
 @metric("retained_tv", needs="a classifier (the class labels)")
 def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None:
         return {}
     n = ctx.classifier.n_classes
     labels, kept = _outputs(gan, ctx)["labels"], ~ctx.orig_negative
-    tv = lambda a, b: float(0.5 * (class_shares(a, n, ctx.forget) - class_shares(b, n, ctx.forget)).abs().sum())
+    tv = lambda a, b: retained_tv_between(a, b, n, ctx.forget)
     # and its two parts, as for fid_positives. kept: on the latents where the original made positives alone
     # (their images changing class); replaced: with those latents' labels the original's, so only the classes
     # that the images replacing the negatives took count.
@@ -299,11 +304,8 @@ def retained_tv(gan: GAN, ctx: EvalContext) -> dict:
 def floor(gan: GAN, ctx: EvalContext) -> dict:
     if ctx.classifier is None or ctx.floor_features is None or len(ctx.floor_features) < 2 or gan is not ctx.original:
         return {}  # (fewer than 2: the GAN almost only makes negatives)
-    n = ctx.classifier.n_classes
-    p = class_shares(ctx.orig_labels, n, ctx.forget)
-    q = class_shares(ctx.floor_labels, n, ctx.forget)
     return {"fid_positives_floor": fid_from_features(ctx.floor_features, ctx.orig_features[~ctx.orig_negative]),
-            "retained_tv_floor": float(0.5 * (p - q).abs().sum())}
+            "retained_tv_floor": retained_tv_between(ctx.orig_labels, ctx.floor_labels, ctx.classifier.n_classes, ctx.forget)}
 
 
 @metric("precision_recall", needs="a classifier and real images (make_context(real_images=...))")
