@@ -6,7 +6,8 @@ errors, and check the HTML (every image present, no error outputs).
 
 Steps (nothing in book/ or notebooks/ is modified):
 1. copy book/* and notebooks/NN_*.ipynb into ``<out>/_src`` (the notebooks under notebooks/);
-   append every results/*/table.md found ($AGU_RESULTS_DIR overrides results/) to the staged results.md;
+   append the targets' scorecard (tools/scorecard.py) and every results/*/table.md found ($AGU_RESULTS_DIR
+   overrides results/) to the staged results.md;
 2. execute each staged notebook in place with papermill, AGU_MODE = the mode (prints the seconds);
 3. ``jupyter-book build <out>/_src --path-output <out> -W`` (execution off: already done);
 4. check ``<out>/_build/html``: every <img> and <script> resolves to a file of the book (none comes from the
@@ -26,10 +27,14 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scorecard
 from refresh_notebooks import ROOT, execute, notebook_paths
 
 BOOK = ROOT / "book"
 RESULTS = Path(os.environ.get("AGU_RESULTS_DIR") or ROOT / "results")  # as in notebook 5
+SCORECARD_NOTE = ("The targets of the method (PUL ≥ 95 / FID to the original's positives ≤ 0.25 × the original's / "
+                  "retained-class TV ≤ 0.05), the EL2 row's mean over 3 seeds of the tables below, in bold where the "
+                  "target holds (`python tools/scorecard.py`). The README and `docs/findings.md` say what stops each miss.")
 
 
 def stage(src_dir: Path) -> list[Path]:
@@ -43,6 +48,8 @@ def stage(src_dir: Path) -> list[Path]:
         staged.append(Path(shutil.copy2(nb, src_dir / "notebooks" / nb.name)))
     tables = sorted(RESULTS.glob("*/table.md")) if RESULTS.is_dir() else []
     with open(src_dir / "results.md", "a") as f:
+        if scorecard.available(RESULTS):  # the targets, cell by cell, as in the README
+            f.write(f"\n## The targets, cell by cell\n\n{SCORECARD_NOTE}\n\n{scorecard.scorecard(RESULTS)}\n")
         f.writelines(f"\n## {t.parent.name}\n\nFrom `results/{t.parent.name}/table.md`:\n\n{t.read_text()}\n" for t in tables)
     return staged
 
