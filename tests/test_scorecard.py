@@ -38,7 +38,7 @@ def test_defaults_row_counts_the_cells_that_meet_their_targets():
     (89.91, False, "89.9"),
 ])
 def test_a_missed_target_never_prints_as_met(value, met, text):
-    assert scorecard.shown(value, met, lambda v: v >= 95.0, "{:.1f}") == text
+    assert scorecard.shown(value, met, lambda v: v >= 95.0, 1) == text
 
 
 def test_check_fails_when_the_readme_copy_differs(tmp_path, monkeypatch, capsys):

@@ -33,7 +33,7 @@ from refresh_notebooks import ROOT, execute, notebook_paths
 BOOK = ROOT / "book"
 RESULTS = Path(os.environ.get("AGU_RESULTS_DIR") or ROOT / "results")  # as in notebook 5
 SCORECARD_NOTE = ("The targets of the method (PUL ≥ 95 / FID to the original's positives ≤ 0.25 × the original's / "
-                  "retained-class TV ≤ 0.05), the EL2 row's mean over 3 seeds of the tables below, in bold where the "
+                  "retained-class TV ≤ 0.05), the EL2 row's mean over the seeds of the tables below, in bold where the "
                   "target holds (`python tools/scorecard.py`). The README and `docs/findings.md` say what stops each miss.")
 
 
