@@ -45,6 +45,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _widths(text: str) -> list[int]:
+    """--hidden: comma-separated positive layer widths, e.g. 256,256."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be integers separated by commas, e.g. 256,256; got {text!r}") from None
+    if not all(w >= 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"widths must be positive, e.g. 256,256; got {text!r}")
+    return widths
+
+
 def _percentile(text: str) -> float:
     """--bold: a percentile strictly between 0 and 100."""
     try:
@@ -237,13 +248,22 @@ def cmd_pretrain(args) -> None:
     from .checkpoint import save_gan
     from .classifier import load_classifier
     from .data import load_digits
-    from .pretrain import PretrainConfig, coverage, pretrain
+    from .pretrain import PretrainConfig, architecture_kwargs, coverage, pretrain
 
-    cfg = PretrainConfig(seed=args.seed)
+    cfg = PretrainConfig(seed=args.seed, arch=args.arch)
     if args.iterations is not None:
         if args.iterations < 1:
             raise ConfigError(f"--iterations must be at least 1, got {args.iterations}")
         cfg.iterations = args.iterations
+    if args.channels is not None:
+        if args.arch != "dcgan":
+            raise ConfigError(f"--channels sets a dcgan's width; an {args.arch} takes --hidden (e.g. --hidden 256,256)")
+        cfg.channels = args.channels
+    if args.hidden is not None:
+        if args.arch != "mlp":
+            raise ConfigError(f"--hidden sets an mlp's widths; a {args.arch} takes --channels (e.g. --channels 64)")
+        cfg.hidden = tuple(args.hidden)
+    architecture_kwargs(cfg)  # a bad width is refused now, not after loading the data
     device = pick_device(args.device)
     data = load_digits()
     clf = load_classifier(args.classifier, device=device)
@@ -256,6 +276,12 @@ def cmd_pretrain(args) -> None:
         command += f" --iterations {args.iterations}"
     if args.classifier != "digits":
         command += f" --classifier {args.classifier}"
+    if args.arch != "dcgan":
+        command += f" --arch {args.arch}"
+    if args.channels is not None:
+        command += f" --channels {args.channels}"
+    if args.hidden is not None:
+        command += " --hidden " + ",".join(str(w) for w in args.hidden)
     gan.provenance = {
         "source": "trained by agu pretrain on scikit-learn's digits (1,797 images, 16x16)",
         "command": command,
@@ -851,6 +877,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="GAN directory to write")
     p.add_argument("--iterations", type=int, default=None, help="maximum iterations (default: PretrainConfig.iterations)")
     p.add_argument("--classifier", default="digits", help="classifier directory or shipped name for the coverage checks (default: digits)")
+    p.add_argument("--arch", default="dcgan", choices=["dcgan", "mlp"],
+                   help="architecture: dcgan (the shipped GAN's, default) or mlp (csinva's kind, fully connected)")
+    p.add_argument("--channels", type=int, default=None, help="dcgan: G's widest layer (default: 64)")
+    p.add_argument("--hidden", type=_widths, default=None, metavar="W,W",
+                   help="mlp: the hidden widths of G and D, e.g. 256,256 (the default)")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 

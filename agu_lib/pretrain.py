@@ -32,8 +32,9 @@ class PretrainConfig:
     # architecture (models.build_gan); dcgan at 16x16: (64,4,4) -> (32,8,8) -> (16,16,16) -> (1,16,16)
     arch: str = "dcgan"
     latent_dim: int = 32  # size of z; 32 is plenty for 10 classes of 16x16 digits
-    channels: int = 64  # G's widest layer
-    d_channels: int = 64  # D's widest layer
+    channels: int = 64  # dcgan: G's widest layer
+    d_channels: int = 64  # dcgan: D's widest layer
+    hidden: tuple[int, ...] = (256, 256)  # mlp: the hidden widths of G and of D (those of csinva's MNIST MLP GAN)
     # optimisation (Adam, betas as in StyleGAN2 / DCGAN practice)
     iterations: int = 6000  # upper bound; early stopping ends near 4000 with the defaults
     batch_size: int = 64
@@ -53,6 +54,21 @@ class PretrainConfig:
     patience: int = 6  # stop after the targets held for this many evaluations in a row
     min_iterations: int = 1000  # never stop before this
     seed: int = 0  # seeds init, batches and noise: two runs with the same seed are identical on CPU
+
+
+def architecture_kwargs(cfg: PretrainConfig) -> dict:
+    """The builder's arguments for ``cfg.arch``: the widths that belong to that architecture."""
+    if cfg.arch == "dcgan":
+        if min(cfg.channels, cfg.d_channels) < 4:
+            raise ConfigError(f"dcgan widths must be at least 4 (G halves its channels at each upsampling), got channels "
+                              f"{cfg.channels} and d_channels {cfg.d_channels}: e.g. 64")
+        return {"channels": cfg.channels, "d_channels": cfg.d_channels}
+    if cfg.arch == "mlp":
+        if not cfg.hidden or any(int(w) < 1 for w in cfg.hidden):
+            raise ConfigError(f"hidden widths must be positive integers, got {list(cfg.hidden)}: e.g. (256, 256)")
+        return {"g_hidden": [int(w) for w in cfg.hidden], "d_hidden": [int(w) for w in cfg.hidden]}
+    raise ConfigError(f"pretrain builds agu's own architectures, dcgan or mlp, not {cfg.arch!r}; "
+                      "for another, pass like= a GAN of it (its builder registered with agu_lib.register_architecture)")
 
 
 def coverage(classifier, images: torch.Tensor) -> dict:
@@ -124,7 +140,7 @@ def pretrain(
         gan = build_gan(like.arch, like.latent_dim, like.image_shape, latent_shape=like.latent_shape,
                         output_range=like.output_range, latent_prior=like.latent_prior, **like.arch_kwargs).to(device)
     else:
-        gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, channels=cfg.channels, d_channels=cfg.d_channels).to(device)
+        gan = build_gan(cfg.arch, cfg.latent_dim, dataset.image_shape, **architecture_kwargs(cfg)).to(device)
     latent_dim = gan.latent_dim
     G, D = gan.generator, gan.discriminator
     G_ema = copy.deepcopy(G).requires_grad_(False)

@@ -194,3 +194,24 @@ def test_every_forget_class_reaches_the_oracle():
     args = cli.build_parser().parse_args(["run", "digits", "--classifier", "digits", "--forget", "1", "8", "--out", "x"])
     oracle = cli._oracle(args, load_gan("digits"), load_classifier("digits"))
     assert oracle.forget == [1, 8]
+
+
+def test_pretrain_an_mlp_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "g"
+    args = ["pretrain", "--dataset", "digits", "--out", str(out), "--iterations", "3", "--quiet"]
+    assert cli.main(args + ["--arch", "mlp", "--hidden", "32,16"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["arch"] == "mlp" and card["arch_kwargs"] == {"g_hidden": [32, 16], "d_hidden": [32, 16]}
+    assert card["provenance"]["command"].endswith("--arch mlp --hidden 32,16")
+    capsys.readouterr()
+    # a width of the other architecture, or a bad one, is refused before any training, and nothing is written
+    assert cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--arch", "mlp", "--channels", "64"]) == 2
+    assert "--channels sets a dcgan's width" in capsys.readouterr().err
+    assert cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--hidden", "64"]) == 2
+    assert "--hidden sets an mlp's widths" in capsys.readouterr().err
+    assert cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--channels", "2"]) == 2
+    assert "at least 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--arch", "mlp", "--hidden", "256,x"])
+    assert "widths must be integers" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()

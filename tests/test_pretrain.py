@@ -71,3 +71,27 @@ def test_pretrain_rejects_bad_config(digits_classifier):
     small = load_digits(size=8)
     with pytest.raises(ConfigError, match="classifier takes images"):
         pretrain(small, TINY, digits_classifier, progress=False)
+
+
+def test_tiny_mlp_pretrain_builds_the_widths_asked_for(digits_classifier):
+    data = load_digits().subset(torch.arange(200))
+    cfg = dataclasses.replace(TINY, arch="mlp", hidden=(24, 12))
+    gan1, rep = pretrain(data, cfg, digits_classifier, progress=False)
+    gan2, _ = pretrain(data, cfg, digits_classifier, progress=False)
+    assert gan1.arch == "mlp" and gan1.arch_kwargs == {"g_hidden": [24, 12], "d_hidden": [24, 12]}
+    widths = [m.out_features for m in gan1.generator.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [24, 12, 256]  # the last layer makes the 16x16 image
+    assert rep["config"]["arch"] == "mlp" and list(rep["config"]["hidden"]) == [24, 12]
+    for (k, a), (_, b) in zip(gan1.state_dict().items(), gan2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert gan1.sample(4, seed=0).shape == (4, 1, 16, 16)
+
+
+def test_pretrain_refuses_widths_and_architectures_it_cannot_build(digits_classifier):
+    data = load_digits().subset(torch.arange(50))
+    for cfg, message in [(dataclasses.replace(TINY, arch="mlp", hidden=(16, 0)), "hidden widths must be positive"),
+                         (dataclasses.replace(TINY, arch="mlp", hidden=()), "hidden widths must be positive"),
+                         (dataclasses.replace(TINY, channels=2), "at least 4"),
+                         (dataclasses.replace(TINY, arch="stylegan"), "dcgan or mlp")]:
+        with pytest.raises(ConfigError, match=message):
+            pretrain(data, cfg, digits_classifier, progress=False)
