@@ -49,7 +49,7 @@ def stage(src_dir: Path) -> list[Path]:
     tables = sorted(RESULTS.glob("*/table.md")) if RESULTS.is_dir() else []
     with open(src_dir / "results.md", "a") as f:
         if scorecard.available(RESULTS):  # the targets, cell by cell, as in the README
-            f.write(f"\n## The targets, cell by cell\n\n{SCORECARD_NOTE}\n\n{scorecard.scorecard(RESULTS)}\n")
+            f.write(f"\n## The targets, cell by cell\n\n{SCORECARD_NOTE}\n\n{scorecard.card(RESULTS)}\n")
         f.writelines(f"\n## {t.parent.name}\n\nFrom `results/{t.parent.name}/table.md`:\n\n{t.read_text()}\n" for t in tables)
     return staged
 
