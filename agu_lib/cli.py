@@ -46,14 +46,11 @@ def _seed(text: str) -> int:
 
 
 def _widths(text: str) -> list[int]:
-    """--hidden: comma-separated positive layer widths, e.g. 256,256."""
+    """--hidden: comma-separated layer widths, e.g. 256,256 (pretrain.architecture_kwargs checks they are positive)."""
     try:
-        widths = [int(w) for w in text.split(",")]
+        return [int(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"widths must be integers separated by commas, e.g. 256,256; got {text!r}") from None
-    if not all(w >= 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"widths must be positive, e.g. 256,256; got {text!r}")
-    return widths
 
 
 def _percentile(text: str) -> float:

@@ -211,6 +211,8 @@ def test_pretrain_an_mlp_from_the_command_line(tmp_path, capsys):
     assert "--hidden sets an mlp's widths" in capsys.readouterr().err
     assert cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--channels", "2"]) == 2
     assert "at least 4" in capsys.readouterr().err
+    assert cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--arch", "mlp", "--hidden", "256,0"]) == 2
+    assert "hidden widths must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(args[:4] + [str(tmp_path / "h")] + args[5:] + ["--arch", "mlp", "--hidden", "256,x"])
     assert "widths must be integers" in capsys.readouterr().err
